@@ -1,0 +1,34 @@
+// Declarations of every torch-facing entry point. Schemas live in torch_bindings.cpp.
+#pragma once
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <ATen/core/Tensor.h>
+
+namespace moeops {
+using at::Tensor;
+
+using GatingOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using PlanOut = std::tuple<Tensor, Tensor, Tensor>;
+
+#define MOEOPS_GATING_ARGS                                                                     \
+  const Tensor &logits, int64_t k, std::string_view scoring, bool renormalize,                 \
+      double routed_scaling_factor, const std::optional<Tensor>&bias, int64_t n_group,         \
+      int64_t topk_group, const std::optional<Tensor>&mask, std::string_view mask_mode,        \
+      const std::optional<Tensor>&forced, bool return_probs, bool return_counts
+
+GatingOut topk_gating_cpu(MOEOPS_GATING_ARGS);
+PlanOut route_plan_cpu(const Tensor& ids, int64_t num_experts);
+Tensor permute_cpu(const Tensor& hidden, const Tensor& sorted_slots, int64_t top_k,
+                   const std::optional<Tensor>& slot_scale);
+Tensor combine_cpu(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse);
+
+#ifdef MOEOPS_WITH_CUDA
+GatingOut topk_gating_cuda(MOEOPS_GATING_ARGS);
+PlanOut route_plan_cuda(const Tensor& ids, int64_t num_experts);
+Tensor permute_cuda(const Tensor& hidden, const Tensor& sorted_slots, int64_t top_k,
+                    const std::optional<Tensor>& slot_scale);
+Tensor combine_cuda(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse);
+#endif
+
+}  // namespace moeops

@@ -1,0 +1,59 @@
+// THE registration file: every moeops op schema, its CPU and CUDA kernels, and the tensor-free
+// pybind11 module `moeops._C` that reports build facts. Fakes and autograd: python/moeops/ops.py.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+#include "common/cpu_isa.h"
+#include "ops.h"
+
+TORCH_LIBRARY(moeops, m) {
+  // logits [T,E] -> weights [T,k] f32, ids [T,k] i32 (-1 empty), probs [T,E] or [0], counts [E] or [0]
+  m.def(
+      "topk_gating(Tensor logits, int k, str scoring=\"softmax\", bool renormalize=False, "
+      "float routed_scaling_factor=1.0, Tensor? bias=None, int n_group=1, int topk_group=1, "
+      "Tensor? mask=None, str mask_mode=\"reroute\", Tensor? forced=None, bool return_probs=False, "
+      "bool return_counts=False) -> (Tensor weights, Tensor ids, Tensor probs, Tensor counts)");
+  // ids [T,K] i32 -> offsets [E+1] i32, sorted_slots [T*K] i32, inverse [T*K] i32
+  m.def("route_plan(Tensor ids, int num_experts) -> (Tensor offsets, Tensor sorted_slots, Tensor inverse)");
+  // hidden [T,H], sorted_slots [R] -> rows [R,H]
+  m.def("permute(Tensor hidden, Tensor sorted_slots, int top_k, Tensor? slot_scale=None) -> Tensor");
+  // expert_out [R,H], weights [T,K] f32, inverse [T*K] -> out [T,H]
+  m.def("combine(Tensor expert_out, Tensor weights, Tensor inverse) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moeops, CPU, m) {
+  m.impl("topk_gating", &moeops::topk_gating_cpu);
+  m.impl("route_plan", &moeops::route_plan_cpu);
+  m.impl("permute", &moeops::permute_cpu);
+  m.impl("combine", &moeops::combine_cpu);
+}
+
+#ifdef MOEOPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(moeops, CUDA, m) {
+  m.impl("topk_gating", &moeops::topk_gating_cuda);
+  m.impl("route_plan", &moeops::route_plan_cuda);
+  m.impl("permute", &moeops::permute_cuda);
+  m.impl("combine", &moeops::combine_cuda);
+}
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moeops compiled extension: registers torch.ops.moeops.* and reports build facts";
+#ifdef MOEOPS_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("cuda_archs") = MOEOPS_BUILD_CUDA_ARCHS;
+  m.attr("cuda_compiler_version") = MOEOPS_BUILD_NVCC_VERSION;
+  m.attr("cuda_skip_reason") = MOEOPS_BUILD_CUDA_REASON;
+  m.attr("built_with_torch") = MOEOPS_BUILD_TORCH_VERSION;
+  m.attr("cxx_compiler") = __VERSION__;
+  m.def("cpu_supports_avx2", &moeops::cpu::cpu_supports_avx2, "CPU has AVX2 + FMA + F16C");
+  m.def("cpu_isa", [] { return std::string(moeops::cpu::isa_name(moeops::cpu::active_isa())); },
+        "CPU code path the kernels use now: 'avx2' or 'portable'");
+  m.def("set_cpu_isa", &moeops::cpu::set_isa, pybind11::arg("name"),
+        "Choose the CPU code path: 'auto', 'avx2' or 'portable'. Returns the active one.");
+}

@@ -1,0 +1,3 @@
+from moeops.cli import main
+
+raise SystemExit(main())

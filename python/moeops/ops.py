@@ -1,0 +1,233 @@
+"""Typed Python wrappers of the ``torch.ops.moeops`` ops, their fake (meta) kernels and autograd.
+
+Each op has three parts here: a wrapper that picks a backend (``"auto"``, ``"cpp"`` or
+``"reference"``), a ``register_fake`` kernel (shapes only, for ``torch.compile`` and
+meta tensors) and, where differentiable, a ``register_autograd`` formula. Schemas are defined
+once, in ``csrc/torch_bindings.cpp``; semantics in :mod:`moeops.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from moeops import reference
+from moeops.backends import resolve
+
+_ops = torch.ops.moeops
+
+
+class GatingResult(NamedTuple):
+    """Result of :func:`topk_gating`."""
+
+    weights: torch.Tensor  #: [T, k] float32 routing weights (0 for empty slots)
+    ids: torch.Tensor  #: [T, k] int32 expert ids, -1 for empty slots
+    probs: torch.Tensor  #: [T, E] float32 scores if requested, else an empty [0] tensor
+    counts: torch.Tensor  #: [E] int32 non-empty slots per expert if requested, else [0]
+
+
+class RoutingPlan(NamedTuple):
+    """Result of :func:`route_plan`: how slots map to expert-grouped rows."""
+
+    offsets: torch.Tensor  #: [E+1] int32, rows of expert e are offsets[e]:offsets[e+1]
+    sorted_slots: torch.Tensor  #: [T*K] int32 slot of each row, -1 for padding rows
+    inverse: torch.Tensor  #: [T*K] int32 row of each slot, -1 for empty slots
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax",
+                renormalize: bool = False, routed_scaling_factor: float = 1.0,
+                bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+                mask: torch.Tensor | None = None, mask_mode: str = "reroute",
+                forced: torch.Tensor | None = None, return_probs: bool = False,
+                return_counts: bool = False, backend: str = "auto") -> GatingResult:
+    """Fused top-k gating from router logits ``[T, E]`` (E <= 512, 1 <= k <= E).
+
+    ``scoring`` is ``"softmax"`` (Mixtral, Qwen, OLMoE) or ``"sigmoid"`` (DeepSeek-V3), always
+    computed in fp32. ``bias [E]`` only chooses experts (DeepSeek-V3's
+    ``e_score_correction_bias``); the unbiased scores weigh them. ``n_group``/``topk_group``
+    enable group-limited selection (group score = sum of its top-2). ``mask`` (bool ``[E]`` or
+    ``[T, E]``, True = masked) applies with ``mask_mode`` ``"reroute"`` (masked experts cannot be
+    chosen), ``"drop"`` (their slots become empty, other weights unchanged) or
+    ``"drop_renorm"`` (survivors rescaled to the original total). ``forced`` (same shapes)
+    experts always get a slot, ahead of the others. Ties go to the lower expert index.
+    The full semantics are in :func:`moeops.reference.topk_gating`.
+
+    Returns a :class:`GatingResult` ``(weights [T,k] f32, ids [T,k] i32, probs, counts)``.
+    Differentiable with respect to ``logits`` (weights and probs).
+    """
+    fn = resolve("topk_gating", backend, logits)
+    return GatingResult(*fn(logits, k, scoring, renormalize, routed_scaling_factor, bias, n_group,
+                            topk_group, mask, mask_mode, forced, return_probs, return_counts))
+
+
+def route_plan(ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> RoutingPlan:
+    """Group the slots of ids ``[T, K]`` (int32, -1 = empty) by expert.
+
+    Returns a :class:`RoutingPlan` ``(offsets [E+1], sorted_slots [T*K], inverse [T*K])``, all
+    int32. Within an expert, rows follow slot order, so the plan is deterministic. On CPU an id
+    outside ``[-1, num_experts)`` raises; on CUDA (no host sync) it is treated as an empty slot.
+    """
+    fn = resolve("route_plan", backend, ids)
+    return RoutingPlan(*fn(ids, num_experts))
+
+
+def permute(hidden: torch.Tensor, sorted_slots: torch.Tensor, top_k: int,
+            slot_scale: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Gather token rows ``hidden [T, H]`` into expert-grouped rows ``[len(sorted_slots), H]``.
+
+    Row ``r`` is ``hidden[sorted_slots[r] // top_k]``, optionally multiplied by
+    ``slot_scale[sorted_slots[r]]`` (float32 ``[T*K]``); padding rows (slot -1) are zero.
+    Differentiable with respect to ``hidden`` and ``slot_scale``.
+    """
+    fn = resolve("permute", backend, hidden)
+    return fn(hidden, sorted_slots, top_k, slot_scale)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor, *,
+            backend: str = "auto") -> torch.Tensor:
+    """Weighted sum of each token's expert rows: ``expert_out [R, H] -> [T, H]``.
+
+    ``out[t] = sum_k weights[t, k] * expert_out[inverse[t*K + k]]`` over non-empty slots,
+    accumulated in fp32 in slot order (deterministic; no atomics), returned in
+    ``expert_out.dtype``. Differentiable with respect to ``expert_out`` and ``weights``.
+    """
+    fn = resolve("combine", backend, expert_out)
+    return fn(expert_out, weights, inverse)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+
+@torch.library.register_fake("moeops::topk_gating")
+def _topk_gating_fake(logits, k, scoring="softmax", renormalize=False, routed_scaling_factor=1.0,
+                      bias=None, n_group=1, topk_group=1, mask=None, mask_mode="reroute",
+                      forced=None, return_probs=False, return_counts=False):
+    torch._check(logits.dim() == 2, lambda: f"moeops: logits must be [T, E], got {logits.shape}")
+    T, E = logits.shape
+    torch._check(1 <= k <= E, lambda: f"moeops: k must be in [1, E={E}], got k={k}")
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    i32 = dict(dtype=torch.int32, device=logits.device)
+    return (logits.new_empty((T, k), **f32), logits.new_empty((T, k), **i32),
+            logits.new_empty((T, E) if return_probs else (0,), **f32),
+            logits.new_empty((E,) if return_counts else (0,), **i32))
+
+
+@torch.library.register_fake("moeops::route_plan")
+def _route_plan_fake(ids, num_experts):
+    n = ids.numel()
+    return (ids.new_empty((num_experts + 1,)), ids.new_empty((n,)), ids.new_empty((n,)))
+
+
+@torch.library.register_fake("moeops::permute")
+def _permute_fake(hidden, sorted_slots, top_k, slot_scale=None):
+    return hidden.new_empty((sorted_slots.shape[0], hidden.shape[1]))
+
+
+@torch.library.register_fake("moeops::combine")
+def _combine_fake(expert_out, weights, inverse):
+    return expert_out.new_empty((weights.shape[0], expert_out.shape[1]))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+_GATING_ARGS = ("logits", "k", "scoring", "renormalize", "routed_scaling_factor", "bias",
+                "n_group", "topk_group", "mask", "mask_mode", "forced", "return_probs",
+                "return_counts")
+
+
+def _gating_setup(ctx, inputs, output):
+    ctx.args = inputs
+    ctx.save_for_backward(inputs[0])
+
+
+def _gating_backward(ctx, g_weights, g_ids, g_probs, g_counts):
+    # The weights are a differentiable function of the logits given the selection; replaying
+    # the reference (same semantics, same selection) under autograd gives their exact gradient.
+    (logits,) = ctx.saved_tensors
+    args = list(ctx.args)
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        args[0] = x
+        args[11] = g_probs is not None and g_probs.numel() > 0
+        w, _, probs, _ = reference.topk_gating(*args)
+        outs, grads = [w], [g_weights]
+        if args[11]:
+            outs.append(probs)
+            grads.append(g_probs)
+        (gx,) = torch.autograd.grad(outs, [x], grads, allow_unused=True)
+    if gx is None:
+        gx = torch.zeros_like(logits)
+    return (gx.to(logits.dtype),) + (None,) * (len(_GATING_ARGS) - 1)
+
+
+torch.library.register_autograd("moeops::topk_gating", _gating_backward,
+                                setup_context=_gating_setup)
+
+
+def _sorted_from_inverse(inverse: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """sorted_slots [num_rows] (row -> slot, -1 padding) from inverse [T*K] (slot -> row)."""
+    sorted_slots = torch.full((num_rows,), -1, dtype=torch.int32, device=inverse.device)
+    slots = torch.arange(inverse.numel(), dtype=torch.int32, device=inverse.device)
+    valid = inverse >= 0
+    sorted_slots[inverse[valid].long()] = slots[valid]
+    return sorted_slots
+
+
+def _inverse_from_sorted(sorted_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """inverse [num_slots] (slot -> row, -1 empty) from sorted_slots [R] (row -> slot)."""
+    inverse = torch.full((num_slots,), -1, dtype=torch.int32, device=sorted_slots.device)
+    rows = torch.arange(sorted_slots.numel(), dtype=torch.int32, device=sorted_slots.device)
+    valid = sorted_slots >= 0
+    inverse[sorted_slots[valid].long()] = rows[valid]
+    return inverse
+
+
+def _permute_setup(ctx, inputs, output):
+    hidden, sorted_slots, top_k, slot_scale = inputs
+    ctx.top_k = top_k
+    ctx.has_scale = slot_scale is not None
+    ctx.save_for_backward(hidden, sorted_slots, slot_scale)
+
+
+def _permute_backward(ctx, grad_rows):
+    hidden, sorted_slots, slot_scale = ctx.saved_tensors
+    T, K = hidden.shape[0], ctx.top_k
+    inverse = _inverse_from_sorted(sorted_slots, T * K)
+    grad_hidden = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        w = slot_scale.view(T, K) if ctx.has_scale else \
+            torch.ones(T, K, dtype=torch.float32, device=hidden.device)
+        grad_hidden = _ops.combine(grad_rows.contiguous(), w.contiguous(), inverse)
+    if ctx.has_scale and ctx.needs_input_grad[3]:
+        rows = grad_rows.float()[inverse.long().clamp(min=0)]  # [T*K, H]
+        tok = hidden.float().repeat_interleave(K, dim=0)
+        grad_scale = torch.where(inverse >= 0, (rows * tok).sum(-1), 0.0)
+    return grad_hidden, None, None, grad_scale
+
+
+torch.library.register_autograd("moeops::permute", _permute_backward, setup_context=_permute_setup)
+
+
+def _combine_setup(ctx, inputs, output):
+    expert_out, weights, inverse = inputs
+    ctx.save_for_backward(expert_out, weights, inverse)
+
+
+def _combine_backward(ctx, grad_out):
+    expert_out, weights, inverse = ctx.saved_tensors
+    T, K = weights.shape
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        sorted_slots = _sorted_from_inverse(inverse, expert_out.shape[0])
+        grad_x = _ops.permute(grad_out.contiguous(), sorted_slots, K,
+                              weights.reshape(-1).contiguous())
+    if ctx.needs_input_grad[1]:
+        rows = expert_out.float()[inverse.long().clamp(min=0)].view(T, K, -1)
+        dots = (rows * grad_out.float().unsqueeze(1)).sum(-1)
+        grad_w = torch.where(inverse.view(T, K) >= 0, dots, 0.0)
+    return grad_x, grad_w, None
+
+
+torch.library.register_autograd("moeops::combine", _combine_backward, setup_context=_combine_setup)

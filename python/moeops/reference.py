@@ -1,0 +1,191 @@
+"""Pure-torch oracle of every moeops op: the executable specification.
+
+Every kernel (C++ CPU, CUDA, Triton) must agree with the functions here: ids, offsets and
+counts exactly, floating-point outputs to rounding. Tests and benchmarks import this module;
+nobody re-implements it. The functions take and return the same things as the
+``torch.ops.moeops`` ops of the same name.
+
+Routing conventions shared by all ops
+-------------------------------------
+* Expert ids are ``int32``; ``-1`` marks an *empty slot* (masked, dropped or not enough
+  experts left). Empty slots carry weight 0 and cost nothing downstream.
+* Routing weights are ``float32``.
+* A *slot* is a (token, k) pair, flattened as ``s = t * K + k``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORINGS = ("softmax", "sigmoid")
+MASK_MODES = ("reroute", "drop", "drop_renorm")
+RENORM_EPS = 1e-20  # added to the denominator when renormalising (DeepSeek-V3 uses the same)
+
+
+def _stable_desc_order(key: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``key`` descending along the last dim; equal keys keep index order."""
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+def topk_gating(
+    logits: torch.Tensor,
+    k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    routed_scaling_factor: float = 1.0,
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    mask: torch.Tensor | None = None,
+    mask_mode: str = "reroute",
+    forced: torch.Tensor | None = None,
+    return_probs: bool = False,
+    return_counts: bool = False,
+):
+    """Top-k gating from router logits ``[T, E]``.
+
+    Returns ``(weights [T, k] f32, ids [T, k] i32, probs, counts)`` where ``probs`` is the
+    ``[T, E]`` f32 score matrix if ``return_probs`` else an empty ``[0]`` tensor, and
+    ``counts`` the ``[E]`` int32 number of non-empty slots per expert if ``return_counts``
+    else an empty ``[0]`` tensor.
+
+    Semantics, in order:
+
+    1. ``scores = softmax(logits)`` or ``sigmoid(logits)``, computed in fp32.
+    2. Selection key ``sel = scores + bias`` (``bias [E]`` only chooses; it never weighs:
+       DeepSeek-V3's ``e_score_correction_bias``).
+    3. An expert is *available* for a token unless its ``sel`` is NaN or (mode ``reroute``)
+       it is masked. ``mask``/``forced`` are bool ``[E]`` or ``[T, E]``; True = masked/forced.
+    4. Group-limited selection (``n_group > 1``, at least 2 experts per group): experts form
+       ``n_group`` contiguous groups;
+       a group's score is the sum of the two largest available ``sel`` in it (``-inf`` when
+       fewer than two); the ``topk_group`` best groups are kept (ties: lower group index);
+       experts of other groups become unavailable.
+    5. Forced experts are always available (forcing wins over masking and group limits, but a
+       NaN score is never selected) and rank before all others.
+    6. Slots are filled in the order (forced first, then by ``sel`` descending, ties by lower
+       expert index). Slots beyond the number of available experts are empty (id -1).
+    7. ``weights = scores[ids]`` (0 for empty slots); if ``renormalize``:
+       ``weights /= sum(weights) + 1e-20``; then ``weights *= routed_scaling_factor``.
+    8. Mask modes ``drop`` and ``drop_renorm`` leave selection unchanged and afterwards empty
+       the slots of masked (non-forced) experts; ``drop`` keeps the other weights as they are,
+       ``drop_renorm`` rescales the survivors so their sum equals the sum before dropping.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+    T, E = logits.shape
+    x = logits.float()
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    sel = scores + bias.float() if bias is not None else scores
+    avail = ~torch.isnan(sel)
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    mask_b = mask.bool().expand(T, E) if mask is not None else None
+    forced_b = forced.bool().expand(T, E) if forced is not None else torch.zeros_like(avail)
+    if mask_b is not None and mask_mode == "reroute":
+        avail = avail & ~mask_b
+
+    if n_group > 1:
+        g = E // n_group
+        sel_g = torch.where(avail, sel, neg_inf).view(T, n_group, g)
+        gscore = torch.topk(sel_g, 2, dim=-1).values.sum(-1)  # g >= 2 (checked by the op)
+        gscore = torch.where(torch.isnan(gscore), neg_inf, gscore)
+        keep_groups = _stable_desc_order(gscore)[:, :topk_group]
+        gkeep = torch.zeros(T, n_group, dtype=torch.bool, device=x.device)
+        gkeep.scatter_(1, keep_groups, True)
+        avail = avail & gkeep.repeat_interleave(g, dim=1)
+
+    is_forced = forced_b & ~torch.isnan(sel)
+    avail = avail | is_forced
+    tier = is_forced.int() + avail.int()  # 2 forced, 1 available, 0 not selectable
+    key = torch.where(avail, sel, neg_inf)
+    # sort by (tier desc, sel desc, index asc): stable sorts from the least significant key
+    order = _stable_desc_order(key)
+    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
+    ids = order[:, :k]
+    valid = avail.gather(1, ids)
+    ids = torch.where(valid, ids, -1)
+    w = torch.where(valid, scores.gather(1, ids.clamp(min=0)), 0.0)
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + RENORM_EPS)
+    w = w * routed_scaling_factor
+
+    if mask_b is not None and mask_mode in ("drop", "drop_renorm"):
+        hit = valid & mask_b.gather(1, ids.clamp(min=0)) & ~forced_b.gather(1, ids.clamp(min=0))
+        before = w.sum(-1, keepdim=True)
+        w = torch.where(hit, 0.0, w)
+        ids = torch.where(hit, -1, ids)
+        if mask_mode == "drop_renorm":
+            after = w.sum(-1, keepdim=True)
+            w = torch.where(after > 0, w * (before / after), w)
+
+    ids = ids.to(torch.int32)
+    probs = scores if return_probs else scores.new_empty(0)
+    if return_counts:
+        flat = ids[ids >= 0].long()
+        counts = torch.bincount(flat, minlength=E).to(torch.int32)
+    else:
+        counts = torch.empty(0, dtype=torch.int32, device=x.device)
+    return w.float(), ids, probs, counts
+
+
+def route_plan(ids: torch.Tensor, num_experts: int):
+    """Routing plan from ids ``[T, K]`` (int32, -1 = empty slot).
+
+    Returns ``(offsets [E+1] i32, sorted_slots [T*K] i32, inverse [T*K] i32)``:
+
+    * ``offsets[e] .. offsets[e+1]`` are the rows of expert ``e``; ``offsets[E]`` is the
+      number of non-empty slots ``R``.
+    * ``sorted_slots[r]`` is the slot ``t*K + k`` whose token lands in row ``r``; rows are
+      grouped by expert and, within an expert, ordered by slot (stable: deterministic).
+      Rows ``R ..`` are padding and hold -1.
+    * ``inverse[s]`` is the row of slot ``s``, or -1 for an empty slot.
+    """
+    flat = ids.reshape(-1).long()
+    n = flat.numel()
+    key = torch.where(flat >= 0, flat, num_experts)  # empty slots sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(flat[flat >= 0], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    nvalid = int(offsets[-1])
+    sorted_slots = torch.where(torch.arange(n, device=ids.device) < nvalid, order, -1)
+    inverse = torch.full((n,), -1, dtype=torch.int64, device=ids.device)
+    inverse[order[:nvalid]] = torch.arange(nvalid, device=ids.device)
+    return offsets.int(), sorted_slots.int(), inverse.int()
+
+
+def permute(hidden: torch.Tensor, sorted_slots: torch.Tensor, top_k: int,
+            slot_scale: torch.Tensor | None = None):
+    """Gather token rows into expert-grouped rows: ``[T, H] -> [len(sorted_slots), H]``.
+
+    Row ``r`` is ``hidden[sorted_slots[r] // top_k]`` (times ``slot_scale[sorted_slots[r]]``
+    in fp32 when given); rows whose slot is -1 are zero. Output dtype = ``hidden.dtype``.
+    """
+    s = sorted_slots.long()
+    tok = torch.where(s >= 0, s // top_k, 0)
+    rows = hidden.index_select(0, tok).float() if hidden.shape[0] > 0 else \
+        hidden.new_zeros(s.numel(), hidden.shape[1], dtype=torch.float32)
+    if slot_scale is not None:
+        rows = rows * slot_scale.float()[s.clamp(min=0)].unsqueeze(1)
+    rows = torch.where((s >= 0).unsqueeze(1), rows, 0.0)
+    return rows.to(hidden.dtype)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor):
+    """Weighted combine of expert-grouped rows back to tokens: ``[R, H] -> [T, H]``.
+
+    ``out[t] = sum_k weights[t, k] * expert_out[inverse[t*K + k]]`` over non-empty slots,
+    accumulated in fp32 in slot order ``k = 0 .. K-1`` (deterministic), then cast to
+    ``expert_out.dtype``.
+    """
+    T, K = weights.shape
+    H = expert_out.shape[1]
+    inv = inverse.long().view(T, K)
+    out = torch.zeros(T, H, dtype=torch.float32, device=expert_out.device)
+    for k in range(K):  # slot order is part of the spec (fixed fp32 summation order)
+        idx = inv[:, k]
+        valid = idx >= 0
+        rows = expert_out.index_select(0, idx.clamp(min=0)).float() if expert_out.shape[0] > 0 \
+            else torch.zeros(T, H, device=expert_out.device)
+        out = out + torch.where(valid.unsqueeze(1), weights[:, k:k + 1].float() * rows, 0.0)
+    return out.to(expert_out.dtype)
