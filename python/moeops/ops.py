@@ -100,11 +100,21 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, inverse: torch.Tens
 
 # ----------------------------------------------------------------------------- fake kernels
 
+def _check_devices(ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Same check as the C++ kernels, for calls that dispatch to the fake (meta) kernels."""
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == ref.device, lambda: (
+                f"moeops: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "move them to one device"))
+
+
 @torch.library.register_fake("moeops::topk_gating")
 def _topk_gating_fake(logits, k, scoring="softmax", renormalize=False, routed_scaling_factor=1.0,
                       bias=None, n_group=1, topk_group=1, mask=None, mask_mode="reroute",
                       forced=None, return_probs=False, return_counts=False):
     torch._check(logits.dim() == 2, lambda: f"moeops: logits must be [T, E], got {logits.shape}")
+    _check_devices("logits", logits, bias=bias, mask=mask, forced=forced)
     T, E = logits.shape
     torch._check(1 <= k <= E, lambda: f"moeops: k must be in [1, E={E}], got k={k}")
     f32 = dict(dtype=torch.float32, device=logits.device)
@@ -122,11 +132,13 @@ def _route_plan_fake(ids, num_experts):
 
 @torch.library.register_fake("moeops::permute")
 def _permute_fake(hidden, sorted_slots, top_k, slot_scale=None):
+    _check_devices("hidden", hidden, sorted_slots=sorted_slots, slot_scale=slot_scale)
     return hidden.new_empty((sorted_slots.shape[0], hidden.shape[1]))
 
 
 @torch.library.register_fake("moeops::combine")
 def _combine_fake(expert_out, weights, inverse):
+    _check_devices("expert_out", expert_out, weights=weights, inverse=inverse)
     return expert_out.new_empty((weights.shape[0], expert_out.shape[1]))
 
 

@@ -322,7 +322,7 @@ void launch_typed(const GatingParams& p, const SmemLayout& L, cudaStream_t strea
 void launch_topk_gating(const GatingParams& p, cudaStream_t stream) {
   if (p.T <= 0) return;
   if (p.E < 1 || p.E > kMaxExperts || p.k < 1 || p.k > p.E || p.n_group < 1 || p.E % p.n_group != 0 ||
-      p.topk_group < 1 || p.topk_group > p.n_group) {
+      (p.n_group > 1 && p.E / p.n_group < 2) || p.topk_group < 1 || p.topk_group > p.n_group) {
     throw std::invalid_argument("moeops::cuda::launch_topk_gating: invalid parameters (E=" +
                                 std::to_string(p.E) + ", k=" + std::to_string(p.k) + ", n_group=" +
                                 std::to_string(p.n_group) + ", topk_group=" + std::to_string(p.topk_group) +

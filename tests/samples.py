@@ -1,0 +1,84 @@
+"""opcheck samples for every op: (args, kwargs) lists, built for a device.
+
+The registry test fails if an op registered in torch.ops.moeops has no entry here.
+"""
+
+import torch
+
+
+def _ids(T, K, E, device, empty_every=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else \
+        torch.empty(0, K, dtype=torch.long)
+    ids = ids.int()
+    if empty_every:
+        ids.view(-1)[::empty_every] = -1
+    return ids.to(device)
+
+
+def gating_samples(device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 8, generator=g).to(device)
+    xb = torch.randn(5, 16, generator=g).to(device=device, dtype=torch.bfloat16)
+    mask = torch.zeros(8, dtype=torch.bool, device=device)
+    mask[2] = True
+    forced = torch.zeros(6, 8, dtype=torch.bool, device=device)
+    forced[:, 5] = True
+    bias = (torch.randn(16, generator=g) * 0.1).to(device)
+    return [
+        ((x, 2), {}),
+        ((x, 2), dict(renormalize=True, return_probs=True, return_counts=True)),
+        ((x, 3), dict(mask=mask, mask_mode="drop_renorm", forced=forced)),
+        ((xb, 4), dict(scoring="sigmoid", bias=bias, n_group=4, topk_group=2,
+                       routed_scaling_factor=2.5, renormalize=True)),
+        ((x[:0], 2), {}),
+        ((x.clone().requires_grad_(), 3), dict(renormalize=True, return_probs=True)),
+    ]
+
+
+def route_plan_samples(device):
+    return [
+        ((_ids(6, 2, 8, device), 8), {}),
+        ((_ids(9, 3, 5, device, empty_every=4), 5), {}),
+        ((_ids(0, 2, 4, device), 4), {}),
+    ]
+
+
+def _plan(T, K, E, device, empty_every=0):
+    from moeops import reference
+    ids = _ids(T, K, E, device, empty_every)
+    return reference.route_plan(ids, E)
+
+
+def permute_samples(device):
+    g = torch.Generator().manual_seed(2)
+    _, ss, _ = _plan(6, 2, 8, device, empty_every=5)
+    h = torch.randn(6, 12, generator=g).to(device)
+    hb = h.to(torch.bfloat16)
+    scale = torch.rand(12, generator=g).to(device)
+    return [
+        ((h, ss, 2), {}),
+        ((hb, ss, 2), {}),
+        ((h, ss, 2), dict(slot_scale=scale)),
+        ((h.clone().requires_grad_(), ss, 2), dict(slot_scale=scale.clone().requires_grad_())),
+    ]
+
+
+def combine_samples(device):
+    g = torch.Generator().manual_seed(3)
+    _, _, inv = _plan(6, 2, 8, device, empty_every=5)
+    x = torch.randn(12, 10, generator=g).to(device)
+    w = torch.rand(6, 2, generator=g).to(device)
+    return [
+        ((x, w, inv), {}),
+        ((x.half(), w, inv), {}),
+        ((x.clone().requires_grad_(), w.clone().requires_grad_(), inv), {}),
+    ]
+
+
+SAMPLES = {
+    "topk_gating": gating_samples,
+    "route_plan": route_plan_samples,
+    "permute": permute_samples,
+    "combine": combine_samples,
+}
