@@ -93,13 +93,27 @@ void gate_token(const GatingParams& p, int64_t t, RowScratch& w) {
 
   // top-k by (tier desc, key desc, index asc)
   int* order = w.order.data();
-  for (int e = 0; e < E; ++e) order[e] = e;
   auto better = [tier, key](int a, int b) {
     if (tier[a] != tier[b]) return tier[a] > tier[b];
     if (key[a] != key[b]) return key[a] > key[b];
     return a < b;
   };
-  std::partial_sort(order, order + K, order + E, better);
+  if (K <= 32) {
+    // one pass keeping the best K sorted: most experts lose to the current K-th at once
+    int n = 0;
+    for (int e = 0; e < E; ++e) {
+      if (n == K && !better(e, order[K - 1])) continue;
+      int j = n < K ? n++ : K - 1;
+      while (j > 0 && better(e, order[j - 1])) {
+        order[j] = order[j - 1];
+        --j;
+      }
+      order[j] = e;
+    }
+  } else {
+    for (int e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order, order + K, order + E, better);
+  }
 
   float* wout = p.weights + t * K;
   int32_t* iout = p.ids + t * K;
