@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // out[t] = sum_k w[t,k] * expert_out[inverse[t*K+k]] in fp32, k ascending, exactly as the
-// reference: acc = acc + (w * x) with separate roundings (no FMA), acc + 0 for empty slots.
+// reference: acc = acc + (w * x) with separate roundings (no FMA contraction).
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const T* __restrict__ expert_out, int64_t R, const float* __restrict__ weights,
@@ -203,15 +203,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < N; ++i) acc[i] = 0.0f;
       for (int kk = 0; kk < K; ++kk) {
         const int32_t r = inv[kk];
-        if (r >= 0 && r < R) {
-          const float wk = w[kk];
-          const V x = reinterpret_cast<const V*>(expert_out + static_cast<int64_t>(r) * H)[v];
+        if (r < 0 || r >= R) continue;  // empty slot: the reference adds +0, a no-op (acc is never -0)
+        const float wk = w[kk];
+        const V x = reinterpret_cast<const V*>(expert_out + static_cast<int64_t>(r) * H)[v];
 #pragma unroll
-          for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wk, to_float(x.v[i])));
-        } else {
-#pragma unroll
-          for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], 0.0f);  // -0 -> +0 like the reference
-        }
+        for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wk, to_float(x.v[i])));
       }
       V o;
 #pragma unroll
