@@ -22,6 +22,11 @@ PlanOut route_plan_cpu(const Tensor& ids, int64_t num_experts);
 Tensor permute_cpu(const Tensor& hidden, const Tensor& sorted_slots, int64_t top_k,
                    const std::optional<Tensor>& slot_scale);
 Tensor combine_cpu(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse);
+Tensor grouped_gemm_cpu(const Tensor& x, const Tensor& w, const Tensor& offsets, bool w_transposed);
+Tensor fused_experts_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
+                         const Tensor& w_down, const std::optional<Tensor>& b_up,
+                         const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+                         const std::optional<Tensor>& gain);
 
 #ifdef MOEOPS_WITH_CUDA
 GatingOut topk_gating_cuda(MOEOPS_GATING_ARGS);

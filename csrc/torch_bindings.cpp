@@ -21,6 +21,13 @@ TORCH_LIBRARY(moeops, m) {
   m.def("permute(Tensor hidden, Tensor sorted_slots, int top_k, Tensor? slot_scale=None) -> Tensor");
   // expert_out [R,H], weights [T,K] f32, inverse [T*K] -> out [T,H]
   m.def("combine(Tensor expert_out, Tensor weights, Tensor inverse) -> Tensor");
+  // x [R,K], w [E,N,K] (or [E,K,N] if w_transposed), offsets [E+1] i32 -> [R,N]
+  m.def("grouped_gemm(Tensor x, Tensor w, Tensor offsets, bool w_transposed=False) -> Tensor");
+  // hidden [T,H], ids [T,K] i32, weights [T,K] f32, w_up [E,N_up,H], w_down [E,H,I] -> [T,H]
+  m.def(
+      "fused_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor w_up, Tensor w_down, "
+      "Tensor? b_up=None, Tensor? b_down=None, str activation=\"silu\", bool gated=True, "
+      "Tensor? gain=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {
@@ -28,6 +35,8 @@ TORCH_LIBRARY_IMPL(moeops, CPU, m) {
   m.impl("route_plan", &moeops::route_plan_cpu);
   m.impl("permute", &moeops::permute_cpu);
   m.impl("combine", &moeops::combine_cpu);
+  m.impl("grouped_gemm", &moeops::grouped_gemm_cpu);
+  m.impl("fused_experts", &moeops::fused_experts_cpu);
 }
 
 #ifdef MOEOPS_WITH_CUDA

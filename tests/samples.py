@@ -76,9 +76,58 @@ def combine_samples(device):
     ]
 
 
+def grouped_gemm_samples(device):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 12, generator=g).to(device)
+    w = (torch.randn(3, 10, 12, generator=g) * 0.3).to(device)  # [E, N, K]
+    wt = w.transpose(1, 2).contiguous()  # [E, K, N]
+    # expert 1 has no rows, row 6 is past offsets[E] (padding)
+    off = torch.tensor([0, 2, 2, 6], dtype=torch.int32, device=device)
+    return [
+        ((x, w, off), {}),
+        ((x, wt, off), dict(w_transposed=True)),
+        ((x.bfloat16(), w.bfloat16(), off), {}),
+        ((x, w.bfloat16(), off), dict(w_transposed=False)),
+        ((x[:0], w, torch.zeros(4, dtype=torch.int32, device=device)), {}),
+        ((x.clone().requires_grad_(), w.clone().requires_grad_(), off), {}),
+        ((x.clone().requires_grad_(), wt.clone().requires_grad_(), off), dict(w_transposed=True)),
+    ]
+
+
+def fused_experts_samples(device):
+    g = torch.Generator().manual_seed(5)
+    T, H, I, E, K = 6, 12, 8, 4, 2
+    h = torch.randn(T, H, generator=g).to(device)
+    # expert 2 gets no token; slot (1, 1) and (4, 0) are empty
+    ids = torch.tensor([[0, 1], [3, -1], [1, 3], [0, 3], [-1, 1], [3, 0]], dtype=torch.int32,
+                       device=device)
+    w = torch.rand(T, K, generator=g).to(device)
+    w_up = (torch.randn(E, 2 * I, H, generator=g) * 0.3).to(device)
+    w_up1 = (torch.randn(E, I, H, generator=g) * 0.3).to(device)
+    w_down = (torch.randn(E, H, I, generator=g) * 0.3).to(device)
+    b_up = (torch.randn(E, 2 * I, generator=g) * 0.1).to(device)
+    b_up1 = (torch.randn(E, I, generator=g) * 0.1).to(device)
+    b_down = (torch.randn(E, H, generator=g) * 0.1).to(device)
+    gain = torch.tensor([1.0, 0.0, 0.5, 2.0], device=device)
+    bf = torch.bfloat16
+    return [
+        ((h, ids, w, w_up, w_down), {}),
+        ((h, ids, w, w_up, w_down, b_up, b_down), dict(activation="gelu_tanh", gain=gain)),
+        ((h.to(bf), ids, w, w_up1.to(bf), w_down.to(bf), b_up1, b_down),
+         dict(activation="relu2", gated=False)),
+        ((h, ids, w, w_up1.to(bf), w_down.to(bf)), dict(activation="gelu", gated=False)),
+        ((h[:0], ids[:0], w[:0], w_up, w_down), {}),
+        ((h.clone().requires_grad_(), ids, w.clone().requires_grad_(),
+          w_up.clone().requires_grad_(), w_down.clone().requires_grad_(),
+          b_up.clone().requires_grad_(), b_down.clone().requires_grad_()), dict(activation="silu")),
+    ]
+
+
 SAMPLES = {
     "topk_gating": gating_samples,
     "route_plan": route_plan_samples,
     "permute": permute_samples,
     "combine": combine_samples,
+    "grouped_gemm": grouped_gemm_samples,
+    "fused_experts": fused_experts_samples,
 }

@@ -13,17 +13,21 @@ from moeops.info import registered_ops
 from samples import SAMPLES
 
 OPS = registered_ops()
+# Ops whose CUDA kernels are not written yet (the GPU fused-experts issue); on CUDA tensors
+# backend="auto" falls back to the reference with a warning and backend="cpp" says why.
+CPU_ONLY_OPS = {"grouped_gemm", "fused_experts"}
 
 
 def test_expected_ops_registered():
-    assert {"topk_gating", "route_plan", "permute", "combine"} <= set(OPS)
+    assert {"topk_gating", "route_plan", "permute", "combine", "grouped_gemm",
+            "fused_experts"} <= set(OPS)
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_op_is_complete(name):
     qual = f"moeops::{name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"), f"{qual} has no CPU kernel"
-    if moeops._C.with_cuda:
+    if moeops._C.with_cuda and name not in CPU_ONLY_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"), f"{qual}: no CUDA kernel"
     fake = torch._library.simple_registry.singleton.find(qual).fake_impl.kernel
     assert fake is not None, f"{qual} has no fake kernel (register_fake in ops.py)"

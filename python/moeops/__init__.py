@@ -17,6 +17,8 @@ from moeops.ops import (  # noqa: E402
     GatingResult,
     RoutingPlan,
     combine,
+    fused_experts,
+    grouped_gemm,
     permute,
     route_plan,
     topk_gating,
@@ -25,6 +27,6 @@ from moeops.ops import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "GatingResult", "RoutingPlan", "combine", "permute", "reference", "route_plan",
-    "topk_gating", "__version__",
+    "BACKENDS", "GatingResult", "RoutingPlan", "combine", "fused_experts", "grouped_gemm",
+    "permute", "reference", "route_plan", "topk_gating", "__version__",
 ]

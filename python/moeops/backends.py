@@ -22,8 +22,8 @@ def _built_with_cuda() -> bool:
     return bool(_C.with_cuda)
 
 
-def why_not_cpp(device: torch.device) -> str | None:
-    """None if the compiled kernels run on ``device``, else the reason they cannot."""
+def why_not_cpp(device: torch.device, op: str | None = None) -> str | None:
+    """None if the compiled kernels (of ``op``, if given) run on ``device``, else why not."""
     if device.type == "cpu":
         return None
     if device.type == "cuda":
@@ -31,6 +31,9 @@ def why_not_cpp(device: torch.device) -> str | None:
             from moeops import _C
             return (f"moeops was built without CUDA kernels ({_C.cuda_skip_reason}); rebuild "
                     "with a CUDA build of torch and nvcc on PATH (MOEOPS_CUDA=ON to insist)")
+        if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"moeops::{op}", "CUDA"):
+            return f"moeops::{op} has no CUDA kernel yet (CPU and reference only)"
         return None
     if device.type == "meta":
         return None
@@ -48,7 +51,7 @@ def resolve(op: str, backend: str, tensor: torch.Tensor):
         raise ValueError(f"moeops: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return getattr(reference, op)
-    reason = why_not_cpp(tensor.device)
+    reason = why_not_cpp(tensor.device, op)
     if reason is None:
         return getattr(torch.ops.moeops, op)
     if backend == "cpp":

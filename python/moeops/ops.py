@@ -98,6 +98,41 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, inverse: torch.Tens
     return fn(expert_out, weights, inverse)
 
 
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
+                 w_transposed: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Per-expert matmul over expert-grouped rows ``x [R, K] -> [R, N]`` (in ``x.dtype``).
+
+    ``w`` is ``[E, N, K]`` (nn.Linear / Hugging Face layout, ``out = x @ w[e].T``) or, with
+    ``w_transposed=True``, ``[E, K, N]`` (``out = x @ w[e]``). Rows ``offsets[e]:offsets[e+1]``
+    (int32 ``[E+1]``, e.g. from :func:`route_plan`) use expert ``e``; rows past ``offsets[E]`` are
+    zero; experts without rows cost nothing. fp32/fp16/bf16 inputs (x and w may differ), fp32
+    accumulation. Differentiable with respect to ``x`` and ``w``.
+    """
+    fn = resolve("grouped_gemm", backend, x)
+    return fn(x, w, offsets, w_transposed)
+
+
+def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
+                  b_down: torch.Tensor | None = None, *, activation: str = "silu",
+                  gated: bool = True, gain: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """The whole expert computation of an MoE layer: ``hidden [T, H] -> [T, H]``.
+
+    ``ids``/``weights [T, K]`` come from :func:`topk_gating` (-1 = empty slot, skipped).
+    ``w_up [E, N_up, H]``: gated experts (``gated=True``; SwiGLU with ``activation="silu"``,
+    GeGLU with ``"gelu"``/``"gelu_tanh"``) use Hugging Face's concatenated ``gate_up_proj`` with
+    ``N_up = 2I`` (gate rows first); plain experts (``gated=False``; ``"relu"``, ``"gelu"``,
+    ``"relu2"``...) use ``up_proj`` with ``N_up = I``. ``w_down [E, H, I]``. Optional biases
+    ``b_up [E, N_up]``, ``b_down [E, H]``, and a per-expert output ``gain [E]`` (0 skips the
+    expert's compute). Intermediates stay fp32; each token's weighted sum is accumulated in
+    fp32 in slot order (deterministic). Semantics: :func:`moeops.reference.fused_experts`.
+    Differentiable with respect to hidden, weights, w_up, w_down and the biases.
+    """
+    fn = resolve("fused_experts", backend, hidden)
+    return fn(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 def _check_devices(ref_name: str, ref: torch.Tensor, **others) -> None:
@@ -140,6 +175,22 @@ def _permute_fake(hidden, sorted_slots, top_k, slot_scale=None):
 def _combine_fake(expert_out, weights, inverse):
     _check_devices("expert_out", expert_out, weights=weights, inverse=inverse)
     return expert_out.new_empty((weights.shape[0], expert_out.shape[1]))
+
+
+@torch.library.register_fake("moeops::grouped_gemm")
+def _grouped_gemm_fake(x, w, offsets, w_transposed=False):
+    _check_devices("x", x, w=w, offsets=offsets)
+    torch._check(x.dim() == 2 and w.dim() == 3, lambda: "moeops: x must be [R, K], w [E, N, K]")
+    return x.new_empty((x.shape[0], w.shape[2] if w_transposed else w.shape[1]))
+
+
+@torch.library.register_fake("moeops::fused_experts")
+def _fused_experts_fake(hidden, ids, weights, w_up, w_down, b_up=None, b_down=None,
+                        activation="silu", gated=True, gain=None):
+    _check_devices("hidden", hidden, ids=ids, weights=weights, w_up=w_up, w_down=w_down,
+                   b_up=b_up, b_down=b_down, gain=gain)
+    torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
+    return hidden.new_empty(hidden.shape)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -243,3 +294,37 @@ def _combine_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("moeops::combine", _combine_backward, setup_context=_combine_setup)
+
+
+def _replay_backward(ref_fn, n_inputs: int, diff: tuple[int, ...]):
+    """Autograd for an op whose reference is differentiable: the backward replays the reference
+    (same semantics, fp32) under autograd. Slower than a hand-written backward, exactly right."""
+
+    def setup(ctx, inputs, output):
+        ctx.inputs = inputs
+        ctx.save_for_backward(*[inputs[i] for i in diff])
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        args = list(ctx.inputs)
+        leaves = []
+        with torch.enable_grad():
+            for j, i in enumerate(diff):
+                if saved[j] is not None and ctx.needs_input_grad[i]:
+                    args[i] = saved[j].detach().requires_grad_(True)
+                    leaves.append(i)
+            grads = [None] * n_inputs
+            if leaves:
+                out = ref_fn(*args)
+                got = torch.autograd.grad(out, [args[i] for i in leaves], grad, allow_unused=True)
+                for i, g in zip(leaves, got):
+                    grads[i] = None if g is None else g.to(ctx.inputs[i].dtype)
+        return tuple(grads)
+
+    return setup, backward
+
+
+_gg_setup, _gg_backward = _replay_backward(reference.grouped_gemm, 4, (0, 1))
+torch.library.register_autograd("moeops::grouped_gemm", _gg_backward, setup_context=_gg_setup)
+_fe_setup, _fe_backward = _replay_backward(reference.fused_experts, 10, (0, 2, 3, 4, 5, 6))
+torch.library.register_autograd("moeops::fused_experts", _fe_backward, setup_context=_fe_setup)

@@ -189,3 +189,90 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, inverse: torch.Tens
             else torch.zeros(T, H, device=expert_out.device)
         out = out + torch.where(valid.unsqueeze(1), weights[:, k:k + 1].float() * rows, 0.0)
     return out.to(expert_out.dtype)
+
+
+# ----------------------------------------------------------------------------- experts
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The expert activations: silu, gelu (erf), gelu_tanh, relu, relu2 (relu squared)."""
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "relu":
+        return torch.relu(x)
+    if name == "relu2":
+        return torch.relu(x).square()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                 w_transposed: bool = False) -> torch.Tensor:
+    """Per-expert matmul over expert-grouped rows: ``[R, K] -> [R, N]`` in ``x.dtype``.
+
+    ``w`` is ``[E, N, K]`` (``out = x @ w[e].T``, the nn.Linear / Hugging Face layout) or, with
+    ``w_transposed``, ``[E, K, N]`` (``out = x @ w[e]``). Rows ``offsets[e]:offsets[e+1]`` use
+    expert ``e``; rows from ``offsets[E]`` on are zero. fp32 accumulation, one rounding.
+    """
+    E = w.shape[0]
+    N = w.shape[2] if w_transposed else w.shape[1]
+    out = torch.zeros(x.shape[0], N, dtype=torch.float32, device=x.device)
+    off = offsets.tolist()
+    for e in range(E):
+        a, b = off[e], off[e + 1]
+        if b > a:
+            we = w[e].float()
+            out[a:b] = x[a:b].float() @ (we if w_transposed else we.t())
+    return out.to(x.dtype)
+
+
+def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
+                  b_down: torch.Tensor | None = None, activation: str = "silu",
+                  gated: bool = True, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert computation of an MoE layer: ``[T, H] -> [T, H]`` in ``hidden.dtype``.
+
+    For each non-empty slot (token ``t``, expert ``e = ids[t, k]``):
+
+    * ``u = x_t @ w_up[e].T (+ b_up[e])`` with ``w_up [E, N_up, H]``;
+    * gated (SwiGLU with ``silu``, GeGLU with ``gelu``): ``N_up = 2I``, the first ``I`` rows are
+      the gate, the last ``I`` the up projection (Hugging Face's ``gate_up_proj``):
+      ``h = act(u[:I]) * u[I:]``; not gated: ``N_up = I``, ``h = act(u)``;
+    * ``y = h @ w_down[e].T (+ b_down[e])`` with ``w_down [E, H, I]``;
+    * ``out[t] += weights[t, k] * gain[e] * y`` in fp32, slots in order ``k = 0..K-1``.
+
+    Everything is computed in fp32 (intermediates are not rounded); the output is rounded once.
+    Empty slots (-1) and experts with ``gain == 0`` contribute nothing.
+    """
+    T, H = hidden.shape
+    K = ids.shape[1]
+    E = w_up.shape[0]
+    x = hidden.float()
+    g = gain.float() if gain is not None else torch.ones(E, device=hidden.device)
+    ys = torch.zeros(T, K, H, dtype=torch.float32, device=hidden.device)
+    idl = ids.long()
+    for e in range(E):
+        t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)
+        if t_idx.numel() == 0 or float(g[e]) == 0.0:
+            continue
+        u = x[t_idx] @ w_up[e].float().t()
+        if b_up is not None:
+            u = u + b_up[e].float()
+        if gated:
+            i = u.shape[1] // 2
+            h = apply_activation(u[:, :i], activation) * u[:, i:]
+        else:
+            h = apply_activation(u, activation)
+        y = h @ w_down[e].float().t()
+        if b_down is not None:
+            y = y + b_down[e].float()
+        ys = ys.index_put((t_idx, k_idx), y * (weights[t_idx, k_idx].float() * g[e]).unsqueeze(1))
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    for k in range(K):  # fixed slot order
+        out = out + ys[:, k]
+    return out.to(hidden.dtype)

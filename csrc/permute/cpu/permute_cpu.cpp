@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_combine.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
 #include "common/cpu_vec.h"
@@ -61,56 +62,6 @@ void permute_kernel(const Tensor& hidden, const int32_t* slots, int64_t R, int64
   });
 }
 
-// ---------------------------------------------------------------- combine
-// out[t] = sum_k w[t,k] * x[inv[t,k]] accumulated in fp32 in slot order.
-template <class T>
-void combine_token_portable(const T* x, int64_t H, const float* w, const int32_t* inv, int K,
-                            float* acc, T* out) {
-  std::fill(acc, acc + H, 0.f);
-  for (int k = 0; k < K; ++k) {
-    if (inv[k] < 0) continue;
-    const T* row = x + static_cast<int64_t>(inv[k]) * H;
-    const float wk = w[k];
-    for (int64_t h = 0; h < H; ++h) acc[h] += wk * cpu::to_f32(row[h]);
-  }
-  for (int64_t h = 0; h < H; ++h) out[h] = cpu::from_f32<T>(acc[h]);
-}
-
-#ifdef MOEOPS_HAS_AVX2_PATH
-// 32 columns at a time in registers, all K rows streamed into them, then one store.
-template <class T>
-MOEOPS_AVX2 void combine_token_avx2(const T* x, int64_t H, const float* w, const int32_t* inv, int K,
-                                    float* acc, T* out) {
-  int64_t h = 0;
-  for (; h + 32 <= H; h += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int k = 0; k < K; ++k) {
-      if (inv[k] < 0) continue;
-      const T* row = x + static_cast<int64_t>(inv[k]) * H + h;
-      const __m256 wk = _mm256_set1_ps(w[k]);
-      a0 = _mm256_fmadd_ps(wk, cpu::load8(row), a0);
-      a1 = _mm256_fmadd_ps(wk, cpu::load8(row + 8), a1);
-      a2 = _mm256_fmadd_ps(wk, cpu::load8(row + 16), a2);
-      a3 = _mm256_fmadd_ps(wk, cpu::load8(row + 24), a3);
-    }
-    cpu::store8(out + h, a0);
-    cpu::store8(out + h + 8, a1);
-    cpu::store8(out + h + 16, a2);
-    cpu::store8(out + h + 24, a3);
-  }
-  if (h < H) {  // tail: same fp32 slot-order accumulation, scalar
-    const int64_t n = H - h;
-    std::fill(acc, acc + n, 0.f);
-    for (int k = 0; k < K; ++k) {
-      if (inv[k] < 0) continue;
-      const T* row = x + static_cast<int64_t>(inv[k]) * H + h;
-      for (int64_t i = 0; i < n; ++i) acc[i] = std::fma(w[k], cpu::to_f32(row[i]), acc[i]);
-    }
-    for (int64_t i = 0; i < n; ++i) out[h + i] = cpu::from_f32<T>(acc[i]);
-  }
-}
-#endif
-
 template <class T>
 void combine_kernel(const Tensor& x, const Tensor& weights, const Tensor& inverse, Tensor& out) {
   const int64_t T_ = weights.size(0), H = x.size(1);
@@ -124,13 +75,7 @@ void combine_kernel(const Tensor& x, const Tensor& weights, const Tensor& invers
   at::parallel_for(0, T_, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     for (int64_t t = begin; t < end; ++t) {
-#ifdef MOEOPS_HAS_AVX2_PATH
-      if (avx2) {
-        combine_token_avx2(xp, H, wp + t * K, ip + t * K, K, acc.data(), op + t * H);
-        continue;
-      }
-#endif
-      combine_token_portable(xp, H, wp + t * K, ip + t * K, K, acc.data(), op + t * H);
+      cpu::combine_token(avx2, xp, H, wp + t * K, ip + t * K, K, acc.data(), op + t * H);
     }
   });
 }

@@ -1,0 +1,246 @@
+// CPU grouped GEMM and fused experts. Semantics: python/moeops/reference.py.
+//
+// Work is cut into items (expert, row block, column block) run with at::parallel_for, so a
+// decode step (a few rows per expert) splits each selected expert's weight columns across the
+// cores and reads every weight row once, while a prefill step keeps an item's weight panel hot
+// in cache across all of that expert's rows (gemm_blocks.h).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_combine.h"
+#include "common/cpu_memory.h"
+#include "experts/cpu/gemm_blocks.h"
+#include "experts/experts_prepare.h"
+#include "ops.h"
+
+namespace moeops {
+namespace {
+
+struct Item {
+  int32_t e;
+  int64_t m0, m1, n0, n1;
+};
+
+constexpr int64_t kRowBlock = 96;  // rows of A per item: keeps A's block in L2
+
+// Items covering rows offsets[e]..offsets[e+1] x columns [0, N) for every expert with rows.
+std::vector<Item> make_items(const int32_t* off, int64_t E, int64_t N, int64_t col_block) {
+  std::vector<Item> items;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowBlock)
+      for (int64_t n0 = 0; n0 < N; n0 += col_block)
+        items.push_back({static_cast<int32_t>(e), m0, std::min<int64_t>(m0 + kRowBlock, off[e + 1]), n0,
+                         std::min(n0 + col_block, N)});
+  return items;
+}
+
+// Column block: enough items for every thread, weight panels of at most 64 rows.
+int64_t column_block(int64_t total_rows_of_work, int64_t N, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  int64_t nb = 64;
+  while (nb > align && total_rows_of_work * ((N + nb - 1) / nb) < 4 * threads) nb /= 2;
+  return std::max<int64_t>(align, nb / align * align);
+}
+
+template <class F>
+void dispatch_w(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(float{}); break;
+    case DType::F16: f(c10::Half{}); break;
+    case DType::BF16: f(c10::BFloat16{}); break;
+  }
+}
+
+Tensor to_f32_contig(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
+
+inline float act_fn(Act a, float x) {
+  switch (a) {
+    case Act::Silu: return x / (1.f + std::exp(-x));
+    case Act::Gelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+    case Act::GeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * x * (1.f + std::tanh(c * (x + 0.044715f * x * x * x)));
+    }
+    case Act::Relu: return x > 0.f ? x : 0.f;
+    case Act::Relu2: return x > 0.f ? x * x : 0.f;
+  }
+  return x;
+}
+
+}  // namespace
+
+Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& offsets_in, bool w_transposed) {
+  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "moeops: grouped_gemm_cpu got x on ", x_in.device());
+  check_grouped_gemm_args(x_in, w_in, offsets_in, w_transposed);
+  const Tensor offsets = offsets_in.contiguous();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  const int64_t R = x_in.size(0), E = w_in.size(0);
+  const int64_t K = w_transposed ? w_in.size(1) : w_in.size(2);
+  const int64_t N = w_transposed ? w_in.size(2) : w_in.size(1);
+  TORCH_CHECK_VALUE(off[0] >= 0, "moeops: offsets[0] must be >= 0, got ", off[0]);
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(off[e + 1] >= off[e], "moeops: offsets must be non-decreasing, got offsets[", e, "]=", off[e],
+                      " > offsets[", e + 1, "]=", off[e + 1]);
+  TORCH_CHECK_VALUE(off[E] <= R, "moeops: offsets[E]=", off[E], " exceeds the number of rows of x (", R, ")");
+
+  const Tensor x = to_f32_contig(x_in);
+  const Tensor w = w_in.contiguous();
+  const bool direct = x_in.scalar_type() == at::kFloat;
+  Tensor out32 = direct ? at::empty({R, N}, x_in.options()) : at::empty({R, N}, x_in.options().dtype(at::kFloat));
+  cpu::advise_huge_pages(out32.data_ptr(), out32.nbytes());
+  float* C = out32.data_ptr<float>();
+  const float* A = x.data_ptr<float>();
+  if (off[E] < R) std::fill(C + off[E] * N, C + R * N, 0.f);
+  const auto items = make_items(off, E, N, column_block(off[E], N, w_transposed ? 16 : 4));
+  dispatch_w(to_dtype(w, "w"), [&](auto tag) {
+    using W = decltype(tag);
+    const W* B = static_cast<const W*>(w.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const Item& it = items[i];
+        const W* Be = B + it.e * N * K;
+        if (w_transposed)
+          cpu::gemm_axpy(A + it.m0 * K, K, it.m1 - it.m0, Be + it.n0, N, it.n1 - it.n0, K, C + it.m0 * N + it.n0, N);
+        else
+          cpu::gemm_dot(A + it.m0 * K, K, it.m1 - it.m0, Be + it.n0 * K, K, it.n1 - it.n0, K, C + it.m0 * N + it.n0,
+                        N);
+      }
+    });
+  });
+  return direct ? out32 : out32.to(x_in.scalar_type());
+}
+
+Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
+                         const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
+                         const std::optional<Tensor>& b_down_in, std::string_view activation, bool gated,
+                         const std::optional<Tensor>& gain_in) {
+  TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_cpu got hidden on ", hidden_in.device());
+  const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
+                                                 b_down_in, activation, gated, gain_in);
+  const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
+  const Tensor ids = ids_in.contiguous(), rw = weights_in.contiguous();
+  const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
+  const Tensor gain = gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor();
+  const Tensor b_up = b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor();
+  const Tensor b_down = b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor();
+  const float* gp = gain.defined() ? gain.data_ptr<float>() : nullptr;
+
+  // 1. plan: counting sort of the non-empty slots by expert (slot order within an expert);
+  //    experts with gain 0 are skipped entirely.
+  const int32_t* idp = ids.data_ptr<int32_t>();
+  std::vector<int32_t> off(E + 1, 0), row_slot, inverse(T * K, -1);
+  for (int64_t s = 0; s < T * K; ++s) {
+    const int32_t e = idp[s];
+    TORCH_CHECK_VALUE(e >= -1 && e < E, "moeops: ids must be in [-1, E=", E, "), got ", e, " at token ", s / K,
+                      ", slot ", s % K);
+    if (e >= 0 && !(gp && gp[e] == 0.f)) ++off[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  const int64_t R = off[E];
+  row_slot.resize(R);
+  {
+    std::vector<int32_t> cursor(off.begin(), off.end() - 1);
+    for (int64_t s = 0; s < T * K; ++s) {
+      const int32_t e = idp[s];
+      if (e < 0 || (gp && gp[e] == 0.f)) continue;
+      const int32_t r = cursor[e]++;
+      row_slot[r] = static_cast<int32_t>(s);
+      inverse[s] = r;
+    }
+  }
+  Tensor out = at::empty({T, H}, hidden_in.options());
+  if (T == 0 || H == 0) return out;
+
+  // 2. gather the rows, widened to fp32: X [R, H]
+  auto f32 = hidden_in.options().dtype(at::kFloat);
+  Tensor X = at::empty({R, H}, f32), U = at::empty({R, NU}, f32), Y = at::empty({R, H}, f32);
+  for (Tensor* t : {&X, &U, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
+  float *Xp = X.data_ptr<float>(), *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
+  const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
+  dispatch_w(to_dtype(hidden, "hidden"), [&](auto tag) {
+    using TH = decltype(tag);
+    const TH* hp = static_cast<const TH*>(hidden.data_ptr());
+    const int64_t hs = hidden.stride(0);
+    at::parallel_for(0, R, 64, [&](int64_t b, int64_t end) {
+      for (int64_t r = b; r < end; ++r) {
+        const TH* src = hp + (row_slot[r] / K) * hs;
+        for (int64_t h = 0; h < H; ++h) Xp[r * H + h] = cpu::to_f32(src[h]);
+      }
+    });
+  });
+
+  // 3. up projection with the bias and activation in the epilogue. Gated experts: an item owns
+  //    gate columns [n0, n1) and the matching up columns [I+n0, I+n1), and writes act(g)*u over
+  //    the gate columns of U, which the down projection then reads (lda = NU).
+  const float* bup = b_up.defined() ? b_up.data_ptr<float>() : nullptr;
+  const float* bdn = b_down.defined() ? b_down.data_ptr<float>() : nullptr;
+  const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
+  dispatch_w(to_dtype(w_up, "w_up"), [&](auto tag) {
+    using W = decltype(tag);
+    const W* B = static_cast<const W*>(w_up.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const Item& it = up_items[i];
+        const W* Be = B + it.e * NU * H;
+        const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
+        float* Cg = Up + it.m0 * NU;
+        cpu::gemm_dot(Xp + it.m0 * H, H, M, Be + it.n0 * H, H, nb, H, Cg + it.n0, NU);
+        if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Be + (I + it.n0) * H, H, nb, H, Cg + I + it.n0, NU);
+        const float* bu = bup ? bup + it.e * NU : nullptr;
+        for (int64_t m = 0; m < M; ++m) {
+          float* row = Cg + m * NU;
+          for (int64_t j = it.n0; j < it.n1; ++j) {
+            float g = row[j] + (bu ? bu[j] : 0.f);
+            float a = act_fn(d.act, g);
+            if (gated) a *= row[I + j] + (bu ? bu[I + j] : 0.f);
+            row[j] = a;
+          }
+        }
+      }
+    });
+  });
+
+  // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
+  const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
+  dispatch_w(to_dtype(w_down, "w_down"), [&](auto tag) {
+    using W = decltype(tag);
+    const W* B = static_cast<const W*>(w_down.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const Item& it = down_items[i];
+        const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
+        float* C = Yp + it.m0 * H + it.n0;
+        cpu::gemm_dot(Up + it.m0 * NU, NU, M, B + it.e * H * I + it.n0 * I, I, nb, I, C, H);
+        if (bdn)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];
+      }
+    });
+  });
+
+  // 5. deterministic weighted combine: slots in order, fp32, one rounding
+  const float* wp = rw.data_ptr<float>();
+  const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
+  dispatch_w(to_dtype(out, "hidden"), [&](auto tag) {
+    using TO = decltype(tag);
+    TO* op = static_cast<TO*>(out.data_ptr());
+    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * K, 1)), [&](int64_t b, int64_t end) {
+      std::vector<float> acc(H), ws(K);
+      for (int64_t t = b; t < end; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t e = idp[t * K + k];
+          ws[k] = e >= 0 ? wp[t * K + k] * (gp ? gp[e] : 1.f) : 0.f;
+        }
+        cpu::combine_token(avx2, static_cast<const float*>(Yp), H, ws.data(), inverse.data() + t * K,
+                           static_cast<int>(K), acc.data(), op + t * H);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace moeops

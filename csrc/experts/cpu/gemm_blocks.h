@@ -1,0 +1,173 @@
+// Register-blocked GEMM building blocks for the CPU expert kernels (fp32 accumulation).
+//
+// dot form   C[m, n] = sum_k A[m, k] * B[n, k]   B = weight rows [N, K] (nn.Linear / HF layout)
+// axpy form  C[m, n] = sum_k A[m, k] * B[k, n]   B = transposed weights [K, N]
+//
+// A is always fp32 (rows are gathered and widened once per call); B is float, c10::Half or
+// c10::BFloat16 and is widened to fp32 in registers. Each block has an AVX2/FMA version
+// (target attribute, chosen at run time) and a portable version with the same loop structure.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/cpu_vec.h"
+
+namespace moeops::cpu {
+
+// ------------------------------------------------------------------ dot form, portable
+template <int MR, int NR, class W>
+inline void dot_block_portable(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K, float* C,
+                               int64_t ldc, bool accumulate) {
+  float acc[MR][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    float b[NR];
+    for (int n = 0; n < NR; ++n) b[n] = to_f32(B[n * ldb + k]);
+    for (int m = 0; m < MR; ++m) {
+      const float a = A[m * lda + k];
+      for (int n = 0; n < NR; ++n) acc[m][n] += a * b[n];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) C[m * ldc + n] = accumulate ? C[m * ldc + n] + acc[m][n] : acc[m][n];
+}
+
+#ifdef MOEOPS_HAS_AVX2_PATH
+MOEOPS_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+// MR x NR accumulators of 8 lanes each; K in steps of 8, scalar tail.
+template <int MR, int NR, class W>
+MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K, float* C,
+                                       int64_t ldc, bool accumulate) {
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 a[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) a[m] = _mm256_loadu_ps(A + m * lda + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m256 b = load8(B + n * ldb + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm256_fmadd_ps(a[m], b, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int n = 0; n < NR; ++n) {
+      float s = hsum8(acc[m][n]);
+      for (int64_t kk = k; kk < K; ++kk) s += A[m * lda + kk] * to_f32(B[n * ldb + kk]);
+      C[m * ldc + n] = accumulate ? C[m * ldc + n] + s : s;
+    }
+  }
+}
+#endif
+
+// C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K. The weight panel of 4 (or 8) rows stays in
+// L1 while all M rows stream past it; rows are taken 3 at a time (12 accumulators).
+template <class W>
+void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
+              float* C, int64_t ldc, bool accumulate = false) {
+#ifdef MOEOPS_HAS_AVX2_PATH
+  if (active_isa() == Isa::Avx2) {
+    if (M == 1) {  // decode: stream weights, 8 rows in flight
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+      for (; n < N; ++n) dot_block_avx2<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+      return;
+    }
+    for (int64_t n = 0; n < N; n += 4) {
+      const W* Bn = B + n * ldb;
+      const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
+      int64_t m = 0;
+      if (nr == 4) {
+        for (; m + 3 <= M; m += 3)
+          dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+        for (; m < M; ++m) dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+      } else {
+        for (int j = 0; j < nr; ++j) {
+          for (m = 0; m + 3 <= M; m += 3)
+            dot_block_avx2<3, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, C + m * ldc + n + j, ldc, accumulate);
+          for (; m < M; ++m)
+            dot_block_avx2<1, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, C + m * ldc + n + j, ldc, accumulate);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < N; n += 4) {
+    const W* Bn = B + n * ldb;
+    if (N - n >= 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2)
+        dot_block_portable<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+      for (; m < M; ++m) dot_block_portable<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+    } else {
+      for (int64_t j = n; j < N; ++j)
+        for (int64_t m = 0; m < M; ++m)
+          dot_block_portable<1, 1>(A + m * lda, lda, B + j * ldb, ldb, K, C + m * ldc + j, ldc, accumulate);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ axpy form ([K, N] weights)
+#ifdef MOEOPS_HAS_AVX2_PATH
+// MR rows x 16 columns: 2*MR accumulators, two weight vectors per k, one broadcast.
+template <int MR, class W>
+MOEOPS_AVX2 inline void axpy_block16_avx2(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K,
+                                          float* C, int64_t ldc) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 a = _mm256_broadcast_ss(A + m * lda + k);
+      acc[m][0] = _mm256_fmadd_ps(a, b0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(a, b1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(C + m * ldc, acc[m][0]);
+    _mm256_storeu_ps(C + m * ldc + 8, acc[m][1]);
+  }
+}
+#endif
+
+// C[0:M, 0:N] = A[0:M, :] . B[:, 0:N] with B row-major [K, ldb].
+template <class W>
+void gemm_axpy(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K, float* C,
+               int64_t ldc) {
+  int64_t n = 0;
+#ifdef MOEOPS_HAS_AVX2_PATH
+  if (active_isa() == Isa::Avx2) {
+    for (; n + 16 <= N; n += 16) {
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6) axpy_block16_avx2<6>(A + m * lda, lda, B + n, ldb, K, C + m * ldc + n, ldc);
+      for (; m < M; ++m) axpy_block16_avx2<1>(A + m * lda, lda, B + n, ldb, K, C + m * ldc + n, ldc);
+    }
+  }
+#endif
+  if (n >= N) return;
+  for (int64_t m = 0; m < M; ++m) {  // portable path and the column tail
+    float* c = C + m * ldc;
+    std::fill(c + n, c + N, 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      const W* b = B + k * ldb;
+      for (int64_t j = n; j < N; ++j) c[j] += a * to_f32(b[j]);
+    }
+  }
+}
+
+}  // namespace moeops::cpu
