@@ -4,41 +4,148 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+
+def _routing_bench(args) -> int:
+    import torch
+
+    from moeops.benchmark import Shape, format_routing_bench, run_routing_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
+    tokens = args.tokens[0] if args.tokens else 4096
+    shape = Shape(tokens, args.experts, args.top_k, args.hidden, args.dtype)
+    r = run_routing_bench(shape, args.device, repeats=args.repeats or 10)
+    if args.json is not None:
+        text = json.dumps(dict(r, shape=vars(shape)), indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            print(format_routing_bench(r))
+    else:
+        print(format_routing_bench(r))
+    return 0 if r["ids_equal"] else 1
+
+
+def _experts_bench(args) -> int:
+    import torch
+
+    from moeops import bench_experts as be
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
+    try:
+        cases = be.select_cases(args.models, args.tokens, args.dtypes, args.full)
+    except ValueError as e:
+        raise SystemExit(f"moeops bench: {e}") from None
+    if args.plot:  # fail early, not after minutes of measuring
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("moeops bench: --plot needs matplotlib (pip install matplotlib)")
+    try:
+        r = be.run_experts_bench(
+            cases, peers=args.peers or be.PEERS, device=args.device,
+            moeops_backend=args.backend, min_runs=args.min_runs,
+            max_runs=args.repeats or 30, time_budget=args.time_budget,
+            batched_mm_max_tokens=args.batched_mm_max_tokens, progress=not args.quiet)
+    except RuntimeError as e:
+        if "moeops bench" in str(e):
+            raise SystemExit(str(e)) from None
+        raise
+    table = be.format_experts_bench(r)
+    if args.json == "-":
+        print(json.dumps(r, indent=2))
+    else:
+        print(table)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+            print(f"results written to {args.json}")
+    if args.plot:
+        be.plot_experts_bench(r, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0 if r["ok"] else 1
 
 
 def _bench(args) -> int:
     import torch
 
-    from moeops.benchmark import Shape, format_routing_bench, run_routing_bench
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
-    shape = Shape(args.tokens, args.experts, args.top_k, args.hidden, args.dtype)
-    r = run_routing_bench(shape, args.device, repeats=args.repeats)
-    if args.json:
-        out = dict(r, shape=vars(shape))
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_routing_bench(r))
-    return 0 if r["ids_equal"] else 1
+    if args.suite == "routing":
+        return _routing_bench(args)
+    return _experts_bench(args)
+
+
+def _csv(kind):
+    def parse(s: str):
+        try:
+            return [kind(v) for v in s.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+    return parse
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moeops", description="moeops: MoE kernels for PyTorch")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, build facts, registered ops, backends, CPU features")
-    b = sub.add_parser("bench", help="benchmark the routing pipeline against the torch reference")
+    b = sub.add_parser(
+        "bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="benchmark moeops against Hugging Face and the torch reference",
+        description=(
+            "Suite 'experts' (default): moeops.fused_experts vs Hugging Face transformers' experts "
+            "implementations (eager, grouped_mm, batched_mm for tiny T) and the pure-torch "
+            "reference on real MoE layer shapes, after a correctness check per case; reports "
+            "median times, speedups and the fraction of the machine's bandwidth / fp32 GEMM "
+            "limit measured in the same run. With no case options it runs the built-in default "
+            "set (Qwen3-30B-A3B fp32 T=1,16,256 and bf16 T=1,256; Mixtral-8x7B bf16 T=1).\n\n"
+            "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs the "
+            "reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
+    b.add_argument("--suite", default="experts", choices=["experts", "routing"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--tokens", type=int, default=4096)
-    b.add_argument("--experts", type=int, default=128)
-    b.add_argument("--top-k", type=int, default=8)
-    b.add_argument("--hidden", type=int, default=2048)
-    b.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    b.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    b.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print the raw results as JSON instead of the table, or with PATH "
+                        "write them there (and print the table)")
+    b.add_argument("--repeats", type=int, default=0,
+                   help="routing: timed runs per stage (10); experts: most timed runs per "
+                        "implementation and case (30)")
+    g = b.add_argument_group("experts suite")
+    g.add_argument("--full", action="store_true",
+                   help="every model x T in 1,4,16,64,256,1024 x fp32,bf16 (long)")
+    g.add_argument("--models", type=_csv(str), default=None,
+                   help="comma-separated, from: qwen3-30b-a3b, olmoe-1b-7b, qwen1.5-moe-a2.7b, "
+                        "mixtral-8x7b, deepseek-v2-lite (default with other case options: all)")
+    g.add_argument("--tokens", type=_csv(int), default=None,
+                   help="token counts T, comma-separated (default with other case options: "
+                        "1,4,16,64,256,1024); routing suite: one T (4096)")
+    g.add_argument("--dtypes", type=_csv(str), default=None,
+                   help="fp32,bf16 (default with other case options: both)")
+    g.add_argument("--peers", type=_csv(str), default=None,
+                   help="implementations to run: moeops,reference,eager,grouped_mm,batched_mm "
+                        "(default: all)")
+    g.add_argument("--backend", default="auto", choices=["auto", "cpp", "reference"],
+                   help="fused_experts backend timed as 'moeops' (auto falls back to the "
+                        "reference, with a note, when the compiled kernel is missing)")
+    g.add_argument("--min-runs", type=int, default=3, help="fewest timed runs per implementation")
+    g.add_argument("--time-budget", type=float, default=2.0,
+                   help="seconds of timed runs per implementation and case after which it stops "
+                        "(once --min-runs are done)")
+    g.add_argument("--batched-mm-max-tokens", type=int, default=4,
+                   help="run HF batched_mm (copies the weights per routed token) only up to this T")
+    g.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="write speedup and %%-of-limit charts (needs matplotlib)")
+    g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    r = b.add_argument_group("routing suite")
+    r.add_argument("--experts", type=int, default=128)
+    r.add_argument("--top-k", type=int, default=8)
+    r.add_argument("--hidden", type=int, default=2048)
+    r.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = p.parse_args(argv)
     if args.cmd == "info":
         from moeops.info import main as info_main

@@ -9,6 +9,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
@@ -69,6 +71,13 @@ MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, 
     }
   }
 }
+
+template <class W>
+MOEOPS_AVX2 inline void widen_row_avx2(const W* src, float* dst, int64_t K) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
+  for (; k < K; ++k) dst[k] = to_f32(src[k]);
+}
 #endif
 
 // C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K. The weight panel of 4 (or 8) rows stays in
@@ -83,6 +92,21 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
       for (; n < N; ++n) dot_block_avx2<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
       return;
+    }
+    // Narrow weights with enough rows to reuse them: widen each 4-row panel to fp32 once
+    // (L1-sized scratch), so the inner loop is pure fp32 FMAs (widening bf16 in the inner loop
+    // costs 2 extra vector ops per load and halves the FMA rate on this CPU).
+    if constexpr (!std::is_same_v<W, float>) {
+      if (M >= 3) {
+        thread_local std::vector<float> panel;
+        panel.resize(4 * K);
+        for (int64_t n = 0; n < N; n += 4) {
+          const int64_t nr = std::min<int64_t>(4, N - n);
+          for (int64_t j = 0; j < nr; ++j) widen_row_avx2(B + (n + j) * ldb, panel.data() + j * K, K);
+          gemm_dot<float>(A, lda, M, panel.data(), K, nr, K, C + n, ldc, accumulate);
+        }
+        return;
+      }
     }
     for (int64_t n = 0; n < N; n += 4) {
       const W* Bn = B + n * ldb;
