@@ -44,8 +44,7 @@ def test_info_cli_reports_build():
         assert f"moeops::{name} [CPU" in out
     assert "cuda_kernels_built" in out and "cpu_isa_in_use" in out
     built = "True" if moeops._C.with_cuda else "False"
-    assert f"cuda_kernels_built          {built}" in out or f"cuda_kernels_built  {built}" in out \
-        or any(line.split() == ["cuda_kernels_built", built] for line in out.splitlines())
+    assert any(line.split() == ["cuda_kernels_built", built] for line in out.splitlines()), out
 
 
 def test_cli_entry_point_info():

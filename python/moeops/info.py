@@ -7,11 +7,13 @@ import sys
 
 
 def registered_ops() -> list[str]:
-    """Names of every op in the ``moeops`` namespace (without the namespace)."""
+    """Public ops of the ``moeops`` namespace (without the namespace). Names starting with ``_``
+    are internal helpers (e.g. backward replays) and are left out."""
     import torch
 
-    return sorted(n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
-                  if n.startswith("moeops::"))
+    names = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("moeops::")}
+    return sorted(n for n in names if not n.startswith("_"))
 
 
 def collect() -> dict:

@@ -296,35 +296,142 @@ def _combine_backward(ctx, grad_out):
 torch.library.register_autograd("moeops::combine", _combine_backward, setup_context=_combine_setup)
 
 
-def _replay_backward(ref_fn, n_inputs: int, diff: tuple[int, ...]):
-    """Autograd for an op whose reference is differentiable: the backward replays the reference
-    (same semantics, fp32) under autograd. Slower than a hand-written backward, exactly right."""
+# Backward of grouped_gemm and fused_experts: analytic per-expert formulas in fp32 (pure torch),
+# wrapped in their own custom ops with fake kernels, so torch.compile / AOT autograd see one
+# opaque node instead of tracing into the data-dependent per-expert loops.
 
-    def setup(ctx, inputs, output):
-        ctx.inputs = inputs
-        ctx.save_for_backward(*[inputs[i] for i in diff])
-
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        args = list(ctx.inputs)
-        leaves = []
-        with torch.enable_grad():
-            for j, i in enumerate(diff):
-                if saved[j] is not None and ctx.needs_input_grad[i]:
-                    args[i] = saved[j].detach().requires_grad_(True)
-                    leaves.append(i)
-            grads = [None] * n_inputs
-            if leaves:
-                out = ref_fn(*args)
-                got = torch.autograd.grad(out, [args[i] for i in leaves], grad, allow_unused=True)
-                for i, g in zip(leaves, got):
-                    grads[i] = None if g is None else g.to(ctx.inputs[i].dtype)
-        return tuple(grads)
-
-    return setup, backward
+@torch.library.custom_op("moeops::_grouped_gemm_backward", mutates_args=())
+def _grouped_gemm_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                           offsets: torch.Tensor, w_transposed: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    off = offsets.tolist()
+    for e in range(w.shape[0]):
+        a, b = off[e], off[e + 1]
+        if b <= a:
+            continue
+        ge, xe, we = grad[a:b].float(), x[a:b].float(), w[e].float()
+        if w_transposed:  # out = x @ we, we [K, N]
+            gx[a:b] = ge @ we.t()
+            gw[e] = xe.t() @ ge
+        else:  # out = x @ we.T, we [N, K]
+            gx[a:b] = ge @ we
+            gw[e] = ge.t() @ xe
+    return gx.to(x.dtype), gw.to(w.dtype)
 
 
-_gg_setup, _gg_backward = _replay_backward(reference.grouped_gemm, 4, (0, 1))
+@_grouped_gemm_backward.register_fake
+def _(grad, x, w, offsets, w_transposed):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _gg_setup(ctx, inputs, output):
+    x, w, offsets, w_transposed = inputs
+    ctx.w_transposed = w_transposed
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _gg_backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    gx, gw = _grouped_gemm_backward(grad, x, w, offsets, ctx.w_transposed)
+    return gx, gw, None, None
+
+
 torch.library.register_autograd("moeops::grouped_gemm", _gg_backward, setup_context=_gg_setup)
-_fe_setup, _fe_backward = _replay_backward(reference.fused_experts, 10, (0, 2, 3, 4, 5, 6))
+
+
+def _activation_and_grad(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) and act'(x) in fp32 for the expert activations of reference.apply_activation."""
+    if name == "silu":
+        sg = torch.sigmoid(x)
+        return x * sg, sg * (1 + x * (1 - sg))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+        return x * cdf, cdf + x * pdf
+    if name == "gelu_tanh":
+        c = 0.7978845608028654
+        inner = c * (x + 0.044715 * x.pow(3))
+        th = torch.tanh(inner)
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * 0.044715 * x * x)
+        return 0.5 * x * (1 + th), d
+    if name == "relu":
+        return torch.relu(x), (x > 0).float()
+    if name == "relu2":
+        r = torch.relu(x)
+        return r * r, 2 * r
+    raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {name!r}")
+
+
+@torch.library.custom_op("moeops::_fused_experts_backward", mutates_args=())
+def _fused_experts_backward(grad: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                            weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                            b_up: torch.Tensor | None, b_down: torch.Tensor | None,
+                            activation: str, gated: bool, gain: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    g_h = torch.zeros(hidden.shape, **f32)
+    g_w = torch.zeros(weights.shape, **f32)
+    g_up, g_down = torch.zeros(w_up.shape, **f32), torch.zeros(w_down.shape, **f32)
+    g_bu = torch.zeros(b_up.shape, **f32) if b_up is not None else hidden.new_empty(0)
+    g_bd = torch.zeros(b_down.shape, **f32) if b_down is not None else hidden.new_empty(0)
+    x_all, go_all, idl = hidden.float(), grad.float(), ids.long()
+    for e in range(w_up.shape[0]):
+        ge = 1.0 if gain is None else float(gain[e])
+        t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)
+        if t_idx.numel() == 0 or ge == 0.0:
+            continue
+        x, go = x_all[t_idx], go_all[t_idx]
+        wu, wd = w_up[e].float(), w_down[e].float()
+        u = x @ wu.t() + (b_up[e].float() if b_up is not None else 0.0)
+        if gated:
+            i = u.shape[1] // 2
+            act, dact = _activation_and_grad(u[:, :i], activation)
+            a = act * u[:, i:]
+        else:
+            act, dact = _activation_and_grad(u, activation)
+            a = act
+        y = a @ wd.t() + (b_down[e].float() if b_down is not None else 0.0)
+        s = weights[t_idx, k_idx].float() * ge
+        g_w[t_idx, k_idx] = (go * y).sum(-1) * ge
+        gy = go * s.unsqueeze(1)
+        g_down[e] = gy.t() @ a
+        if b_down is not None:
+            g_bd[e] = gy.sum(0)
+        ga = gy @ wd
+        gu = torch.cat([ga * u[:, i:] * dact, ga * act], 1) if gated else ga * dact
+        g_up[e] = gu.t() @ x
+        if b_up is not None:
+            g_bu[e] = gu.sum(0)
+        g_h.index_add_(0, t_idx, gu @ wu)
+    return (g_h.to(hidden.dtype), g_w, g_up.to(w_up.dtype), g_down.to(w_down.dtype),
+            g_bu.to(b_up.dtype) if b_up is not None else g_bu,
+            g_bd.to(b_down.dtype) if b_down is not None else g_bd)
+
+
+@_fused_experts_backward.register_fake
+def _(grad, hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden), torch.empty_like(weights), torch.empty_like(w_up),
+            torch.empty_like(w_down), torch.empty_like(b_up) if b_up is not None else empty,
+            torch.empty_like(b_down) if b_down is not None else empty.clone())
+
+
+def _fe_setup(ctx, inputs, output):
+    hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain = inputs
+    ctx.activation, ctx.gated = activation, gated
+    ctx.has_bias = (b_up is not None, b_down is not None)
+    ctx.save_for_backward(hidden, ids, weights, w_up, w_down, b_up, b_down, gain)
+
+
+def _fe_backward(ctx, grad):
+    hidden, ids, weights, w_up, w_down, b_up, b_down, gain = ctx.saved_tensors
+    gh, gw, gup, gdown, gbu, gbd = _fused_experts_backward(
+        grad, hidden, ids, weights, w_up, w_down, b_up, b_down, ctx.activation, ctx.gated, gain)
+    return (gh, None, gw, gup, gdown, gbu if ctx.has_bias[0] else None,
+            gbd if ctx.has_bias[1] else None, None, None, None)
+
+
 torch.library.register_autograd("moeops::fused_experts", _fe_backward, setup_context=_fe_setup)
