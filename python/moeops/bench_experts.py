@@ -6,7 +6,8 @@ MoE layer shapes of real models. Used by ``moeops bench`` (the default suite) an
 What one run does:
 
 1. measures the machine's limits: read bandwidth (torch ``sum`` over a 1 GiB fp32 tensor) and the
-   fp32 GEMM rate (``torch.mm`` 2048x2048x2048), median of a few runs each;
+   fp32 GEMM rate (``torch.mm`` 2048x2048x2048), median of 5 runs each, at the start and again
+   at the end of the run (the higher of the two is used);
 2. for each (model, dtype): builds the real Hugging Face experts module of that model
    (``Qwen3MoeExperts``, ``MixtralExperts``...) once, with random weights (plus, for
    Qwen1.5-MoE, its shared expert and shared-expert gate);
@@ -68,7 +69,7 @@ _HF = {  # family -> (module path, config class, experts class, {config kwarg: l
 
 FULL_TOKENS = (1, 4, 16, 64, 256, 1024)
 FULL_DTYPES = ("fp32", "bf16")
-# The built-in default (about 1.5-2 minutes on a 2-core AVX2 machine).
+# The built-in default: about 1.5 minutes on the 2-core test machine (2.5 when others load it).
 DEFAULT_CASES = (
     ("qwen3-30b-a3b", "fp32", 1), ("qwen3-30b-a3b", "fp32", 16), ("qwen3-30b-a3b", "fp32", 256),
     ("qwen3-30b-a3b", "bf16", 1), ("qwen3-30b-a3b", "bf16", 256),
@@ -131,11 +132,12 @@ def _sync(device: torch.device) -> None:
 
 def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
                     nbytes: int = 1 << 30) -> dict:
-    """Read bandwidth (bytes/s, torch ``sum`` over ``nbytes`` of fp32) and fp32 GEMM rate
-    (FLOP/s, ``torch.mm`` 2048^3), medians of ``repeats`` after one warm-up each."""
+    """The machine's limits: read bandwidth (bytes/s, torch ``sum`` over ``nbytes`` of fp32)
+    and fp32 GEMM rate (FLOP/s, ``torch.mm`` 2048^3): medians of ``repeats`` runs after one
+    warm-up each (and the best runs, for the record)."""
     device = torch.device(device)
 
-    def timed(fn) -> float:
+    def timed(fn) -> list[float]:
         fn()
         ts = []
         for _ in range(repeats):
@@ -144,9 +146,10 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
             fn()
             _sync(device)
             ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return ts
 
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    # distinct values on every page (a page-deduplicating host cannot serve them from cache)
+    buf = torch.arange(nbytes // 4, dtype=torch.float32, device=device)
     t_read = timed(lambda: buf.sum())
     del buf
     n = 2048
@@ -155,9 +158,95 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
     b = torch.randn(n, n, generator=g).to(device)
     c = torch.empty(n, n, device=device)
     t_mm = timed(lambda: torch.mm(a, b, out=c))
-    return {"bandwidth": nbytes / t_read, "gemm_flops": 2 * n ** 3 / t_mm,
-            "bandwidth_method": f"torch.sum over {nbytes / 2**30:g} GiB fp32, median of {repeats}",
-            "gemm_method": f"fp32 torch.mm {n}x{n}x{n}, median of {repeats}"}
+    flop = 2 * n ** 3
+    return {"bandwidth": nbytes / statistics.median(t_read),
+            "bandwidth_best": nbytes / min(t_read),
+            "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm)}
+
+
+def combine_machine(*ms: dict) -> dict:
+    """The limits used for the fractions: the higher of several :func:`measure_machine` medians
+    (taken at the start and the end of a run, so one noisy moment does not lower the ceiling)."""
+    return {"bandwidth": max(m["bandwidth"] for m in ms),
+            "gemm_flops": max(m["gemm_flops"] for m in ms),
+            "bandwidth_method": "torch.sum over 1 GiB fp32, median of 5, higher of start/end",
+            "gemm_method": "fp32 torch.mm 2048x2048x2048, median of 5, higher of start/end",
+            "measurements": list(ms)}
+
+
+class CpuMeter:
+    """Share of all CPUs used by *other* processes between two points of time: /proc/stat's busy
+    time minus this process' CPU time. None where /proc/stat is unavailable (non-Linux)."""
+
+    def __init__(self):
+        import os
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.start = self._snap()
+
+    def _snap(self):
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        total = sum(v[:8]) / self._tick
+        idle = (v[3] + (v[4] if len(v) > 4 else 0)) / self._tick
+        return total, idle, time.process_time()
+
+    def others(self) -> float | None:
+        """Others' share of all CPUs since the start (or the previous call), 0..1."""
+        now = self._snap()
+        a, self.start = self.start, now
+        if a is None or now is None or now[0] <= a[0]:
+            return None
+        busy = (now[0] - a[0]) - (now[1] - a[1])
+        return min(max((busy - (now[2] - a[2])) / (now[0] - a[0]), 0.0), 1.0)
+
+
+def other_cpu_load(interval: float = 0.3) -> float | None:
+    """Others' share of all CPUs over ``interval`` seconds (this process sleeping)."""
+    m = CpuMeter()
+    time.sleep(interval)
+    return m.others()
+
+
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
+              "avx_vnni", "avx_ne_convert", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """CPU model and the ISA extensions that matter for these kernels (from /proc/cpuinfo where
+    there is one), and the ISA path moeops' compiled kernels picked. Machines of the same
+    "kind" can differ (e.g. Zen 3 without AVX-512 vs Zen 4 with AVX512_BF16), and torch's
+    bf16 matmul speed depends on it."""
+    import os
+    info: dict = {"name": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+        kv = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        kv = {k.strip(): v.strip() for k, v in kv.items()}
+        info["name"] = kv.get("model name", info["name"])
+        info["family_model"] = f"{kv.get('cpu family', '?')}/{kv.get('model', '?')}"
+        flags = set((kv.get("flags") or kv.get("Features") or "").split())
+        info["isa"] = [f for f in _ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    try:
+        from moeops import _C
+        info["moeops_isa"] = _C.cpu_isa()
+    except Exception:
+        pass
+    # transparent huge pages change streaming bandwidth a lot on VMs (2-D page walks): torch
+    # asks for them on large allocations only with THP_MEM_ALLOC_ENABLE=1
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split()
+        info["thp"] = next((w.strip("[]") for w in thp if w.startswith("[")), " ".join(thp))
+    except OSError:
+        pass
+    info["torch_thp_alloc"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    return info
 
 
 # ----------------------------------------------------------------------------- layer and inputs
@@ -305,7 +394,7 @@ def moeops_backend_for(device: str | torch.device, requested: str = "auto") -> t
     except RuntimeError:  # op not registered at all
         have = False
     if have:
-        return requested, ""
+        return "cpp", ""
     why = f"the installed moeops has no compiled fused_experts kernel for {device.type}"
     if requested == "cpp":
         raise RuntimeError(f"moeops bench: --backend cpp asked but {why}")
@@ -327,12 +416,18 @@ def tolerance(dtype: str, peer: str) -> float:
 # ----------------------------------------------------------------------------- timing
 
 def time_adaptive(fn: Callable[[], object], device: torch.device, min_runs: int = 3,
-                  max_runs: int = 30, time_budget: float = 2.0) -> list[float]:
-    """Times ``fn`` (already warmed up) until ``max_runs`` runs, or ``min_runs`` runs and
-    ``time_budget`` seconds spent. Returns the per-run seconds."""
+                  max_runs: int = 30, time_budget: float = 2.0,
+                  time_cap: float | None = None) -> list[float]:
+    """Times ``fn`` (already warmed up): runs until ``max_runs`` runs, or ``min_runs`` runs and
+    ``time_budget`` seconds spent; never starts a run once ``time_cap`` (default 3 x budget)
+    seconds were spent, so a peer taking seconds per call gets 1-2 runs, not ``min_runs``.
+    Returns the per-run seconds."""
+    cap = 3 * time_budget if time_cap is None else time_cap
     times: list[float] = []
     spent = 0.0
     while len(times) < max_runs and (len(times) < min_runs or spent < time_budget):
+        if times and spent >= cap:
+            break
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -380,10 +475,15 @@ class _Progress:
 def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
                       device: str = "cpu", moeops_backend: str = "auto", min_runs: int = 3,
                       max_runs: int = 30, time_budget: float = 2.0,
-                      batched_mm_max_tokens: int = 4, progress: bool = True,
-                      machine: dict | None = None) -> dict:
+                      batched_mm_max_tokens: int = 4, progress: bool = True) -> dict:
     """Runs the experts benchmark over ``cases``; returns a JSON-able dict (see module doc)."""
     t_start = time.perf_counter()
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("moeops bench (experts suite) needs Hugging Face transformers >= 5 "
+                           "(pip install 'transformers>=5'): its experts modules hold the "
+                           "weights and are the peers") from e
     dev = torch.device(device)
     for p in peers:
         if p not in PEERS:
@@ -396,14 +496,12 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
     def case_peers(c: Case) -> list[str]:
         return [p for p in peers if p != "batched_mm" or c.tokens <= batched_mm_max_tokens]
 
-    total = 1 + sum(len(case_peers(c)) for c in cases)
+    total = 2 + sum(len(case_peers(c)) for c in cases)
     bar = _Progress(total, progress)
+    load_start = other_cpu_load() if dev.type == "cpu" else None
     bar.set("measuring bandwidth and GEMM rate")
-    if machine is None:
-        machine = measure_machine(dev)
+    m_start = measure_machine(dev)
     bar.step()
-
-    import transformers
 
     results = []
     layer: Layer | None = None
@@ -415,19 +513,36 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
                     gc.collect()
                     bar.set(f"building {c.model} {c.dtype} layer")
                     layer = Layer(c.model, c.dtype, dev)
-                results.append(_run_case(layer, c, case_peers(c), backend, machine, dev,
-                                         min_runs, max_runs, time_budget, bar))
+                results.append(_run_case(layer, c, case_peers(c), backend, dev, min_runs,
+                                         max_runs, time_budget, bar))
+            layer = None
+            gc.collect()
+            bar.set("measuring bandwidth and GEMM rate again")
+            m_end = measure_machine(dev)
+            bar.step()
     finally:
         bar.close()
         layer = None
         gc.collect()
+    load_end = other_cpu_load() if dev.type == "cpu" else None
+    machine = combine_machine(m_start, m_end)
+    for r in results:
+        _add_limits(r, machine)
+    notes = [backend_note] if backend_note else []
+    busy = [x for x in [load_start, load_end] + [r["other_cpu_load"] for r in results]
+            if x is not None]
+    if busy and max(busy) > 0.1:
+        notes.append(
+            f"other processes used up to {max(busy):.0%} of the CPUs during this run (column "
+            f"'oth'): those timings are skewed, multi-threaded (OpenMP) ones most, up to 10x+")
     return {
         "suite": "experts",
         "device": str(dev), "threads": torch.get_num_threads(),
-        "platform": platform.platform(), "processor": platform.processor(),
+        "platform": platform.platform(), "cpu": cpu_info(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version(), "moeops": _moeops_version()},
-        "moeops_backend": backend, "notes": [n for n in (backend_note,) if n],
+        "moeops_backend": backend, "notes": notes,
+        "other_cpu_load": {"start": load_start, "end": load_end},
         "machine": machine,
         "settings": {"min_runs": min_runs, "max_runs": max_runs, "time_budget_s": time_budget,
                      "batched_mm_max_tokens": batched_mm_max_tokens, "peers": list(peers)},
@@ -445,14 +560,23 @@ def _moeops_version() -> str:
         return "?"
 
 
-def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, machine: dict,
-              dev: torch.device, min_runs: int, max_runs: int, time_budget: float,
-              bar: _Progress) -> dict:
+def _add_limits(r: dict, machine: dict) -> None:
+    """Adds the limits and each implementation's fraction of them to a case result."""
+    t_bw = r["bytes"] / machine["bandwidth"]
+    t_gemm = r["flops"] / machine["gemm_flops"]
+    r.update(limit_bw_s=t_bw, limit_gemm_s=t_gemm, bound="bw" if t_bw >= t_gemm else "gemm",
+             limit_s=max(t_bw, t_gemm))
+    for t in r["results"].values():
+        med = t["median_s"]
+        t.update(frac_bw=t_bw / med, frac_gemm=t_gemm / med, frac_limit=max(t_bw, t_gemm) / med)
+
+
+def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, dev: torch.device,
+              min_runs: int, max_runs: int, time_budget: float, bar: _Progress) -> dict:
     s = layer.shape
+    meter = CpuMeter()
     x = layer.inputs(c.tokens)
     cost = layer_cost(c.model, c.dtype, c.tokens, x["unique_experts"])
-    t_bw = cost["bytes"] / machine["bandwidth"]
-    t_gemm = cost["flops"] / machine["gemm_flops"]
     fns = {p: layer.peer_fn(p, backend) for p in peers}
 
     # correctness once (this call is also each implementation's warm-up)
@@ -465,7 +589,7 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, machine: di
         outs[p] = fns[p](x)
         _sync(dev)
         first[p] = time.perf_counter() - t0
-    if ref_name is None:  # no reference asked for: compare against the fp32-exact reference
+    if ref_name is None:  # the reference is not timed: still compare against it
         bar.set(f"{c.label}: computing the reference output")
         ref = layer.peer_fn("reference")(x)
     else:
@@ -481,10 +605,8 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, machine: di
         if first[p] < time_budget / 4:  # a second warm-up call when it is cheap
             fn(x)
         ts = time_adaptive(lambda: fn(x), dev, min_runs, max_runs, time_budget)
-        med = statistics.median(ts)
-        timings[p] = {"median_s": med, "runs": len(ts), "min_s": min(ts), "max_s": max(ts),
-                      "frac_bw": t_bw / med, "frac_gemm": t_gemm / med,
-                      "frac_limit": max(t_bw, t_gemm) / med}
+        timings[p] = {"median_s": statistics.median(ts), "runs": len(ts), "min_s": min(ts),
+                      "max_s": max(ts), "first_call_s": first[p]}
         bar.step()
     if "moeops" in timings:
         m = timings["moeops"]["median_s"]
@@ -495,11 +617,10 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, machine: di
         "E": s["E"], "K": s["K"], "H": s["H"], "I": s["I"], "I_shared": s["I_shared"],
         "shared_expert": bool(s["I_shared"]),
         "unique_experts": x["unique_experts"], "bytes": cost["bytes"], "flops": cost["flops"],
-        "limit_bw_s": t_bw, "limit_gemm_s": t_gemm,
-        "bound": "bw" if t_bw >= t_gemm else "gemm", "limit_s": max(t_bw, t_gemm),
         "check_reference": ref_name or "reference (untimed)",
         "rel_err": errors, "tolerance": {p: tolerance(c.dtype, p) for p in errors},
         "failed": failed, "ok": not failed, "results": timings,
+        "other_cpu_load": meter.others(),
     }
 
 
@@ -522,21 +643,31 @@ def format_experts_bench(r: dict) -> str:
     v = r["versions"]
     lines = [
         f"moeops bench --suite experts: {r['device']}, {r['threads']} threads, torch {v['torch']}, "
-        f"transformers {v['transformers']}, moeops {v['moeops']} "
-        f"(fused_experts backend: {r['moeops_backend']})",
-        f"limits measured in this run: read bandwidth {m['bandwidth'] / 1e9:.1f} GB/s "
-        f"({m['bandwidth_method']}), fp32 GEMM {m['gemm_flops'] / 1e9:.1f} GFLOP/s "
-        f"({m['gemm_method']})",
+        f"transformers {v['transformers']}, moeops {v['moeops']}"
+        + (f" (fused_experts backend: {r['moeops_backend']})" if "moeops" in peers else ""),
+        f"limits measured in this run (higher of the medians of 5 at the start / end): read "
+        f"bandwidth "
+        f"{m['bandwidth'] / 1e9:.1f} GB/s (torch.sum over 1 GiB fp32: "
+        + " / ".join(f"{x['bandwidth'] / 1e9:.1f}" for x in m["measurements"])
+        + f"), fp32 GEMM {m['gemm_flops'] / 1e9:.1f} GFLOP/s (torch.mm 2048^3: "
+        + " / ".join(f"{x['gemm_flops'] / 1e9:.1f}" for x in m["measurements"]) + ")",
     ]
+    cpu = r.get("cpu") or {}
+    if r["device"] == "cpu" and cpu:
+        lines.append(f"cpu: {cpu.get('name')} (family/model {cpu.get('family_model', '?')}), "
+                     f"{cpu.get('cpus')} CPUs, ISA: {' '.join(cpu.get('isa', [])) or '?'}; "
+                     f"moeops kernels use: {cpu.get('moeops_isa', '?')}; transparent huge "
+                     f"pages: {cpu.get('thp', '?')} (THP_MEM_ALLOC_ENABLE "
+                     f"{cpu.get('torch_thp_alloc')})")
     lines += [f"NOTE: {n}" for n in r["notes"]]
-    head = (f"{'model':<19}{'dtype':>5}{'T':>6}{'exp':>5}{'limit ms':>11}  "
+    head = (f"{'model':<21}{'dtype':>5}{'T':>6}{'exp':>5}{'limit ms':>11}  "
             + "".join(f"{_SHORT[p]:>13}" for p in peers)
             + "".join(f"{'x' + _SHORT[p]:>9}" for p in others if "moeops" in peers)
-            + (f"{'%bw':>6}{'%gemm':>7}" if "moeops" in peers else "") + "  check")
+            + (f"{'%bw':>6}{'%gemm':>7}" if "moeops" in peers else "") + f"{'oth':>5}  check")
     lines += ["", head, "-" * len(head)]
     for c in r["cases"]:
         name = c["model"] + ("+sh" if c["shared_expert"] else "")
-        row = (f"{name:<19}{c['dtype']:>5}{c['tokens']:>6}{c['unique_experts']:>5}"
+        row = (f"{name:<21}{c['dtype']:>5}{c['tokens']:>6}{c['unique_experts']:>5}"
                f"{_ms(c['limit_s']):>7} {c['bound']:<4}" + "  ")
         res = c["results"]
         for p in peers:
@@ -549,6 +680,8 @@ def format_experts_bench(r: dict) -> str:
             bw = f"{mo['frac_bw']:.0%}" + ("*" if c["bound"] == "bw" else " ")
             gm = f"{mo['frac_gemm']:.0%}" + ("*" if c["bound"] == "gemm" else " ")
             row += f"{bw:>6}{gm:>7}"
+        oth = c.get("other_cpu_load")
+        row += f"{'?' if oth is None else format(oth, '.0%'):>5}"
         row += "  " + ("ok" if c["ok"] else "FAIL: " + ", ".join(
             f"{p} {c['rel_err'][p]:.1e}" for p in c["failed"]))
         lines.append(row)
@@ -563,6 +696,8 @@ def format_experts_bench(r: dict) -> str:
         "FLOPs/GEMM rate (gemm; FLOPs = 2*T*K*3*H*I).",
         "%bw, %gemm: moeops' fraction of each limit (* = the binding one; >100% is possible: "
         "torch.sum's bandwidth is not the hardware ceiling).",
+        "oth: share of all CPUs used by other processes during the case (/proc/stat minus "
+        "this process).",
         "check: each output vs the reference, once per case (max|out-ref|/max|ref|; tolerance "
         "fp32 1e-4; bf16 2e-2 moeops, 6e-2 HF, which rounds intermediates to bf16).",
     ]
@@ -583,6 +718,7 @@ def plot_experts_bench(r: dict, path: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         raise RuntimeError("moeops bench --plot needs matplotlib (pip install matplotlib)") from e
     cases = r["cases"]
@@ -594,36 +730,41 @@ def plot_experts_bench(r: dict, path: str) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * n + 2), 9), constrained_layout=True)
     x = list(range(n))
 
-    def bars(ax, series, title, ylabel, log=False, line=None):
-        k = max(len(series), 1)
-        width = 0.8 / k
+    colors = {p: f"C{i}" for i, p in enumerate(PEERS)}
+
+    def bars(ax, series, title, ylabel, line):
+        width = 0.8 / max(len(series), 1)
         for j, (name, vals) in enumerate(series):
             xs = [i - 0.4 + width * (j + 0.5) for i in x]
-            ys = [v if v is not None else 0 for v in vals]
-            ax.bar(xs, ys, width, label=name)
-        if line is not None:
-            ax.axhline(line, color="k", lw=0.8, ls="--")
-        if log:
-            ax.set_yscale("log")
+            ax.bar(xs, [v if v is not None else float("nan") for v in vals], width, label=name,
+                   color=colors[name])
+        ax.axhline(line, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="y", alpha=0.3)
 
     if "moeops" in peers and others:
         sp = [(p, [c["results"][p]["moeops_speedup"] if p in c["results"] else None
                    for c in cases]) for p in others]
-        bars(axes[0], sp, "moeops speedup over each implementation (peer time / moeops time)",
-             "speedup (x, log)", log=True, line=1.0)
+        bars(axes[0], sp, "moeops speedup over each implementation (its time / moeops' time)",
+             "speedup (x, log scale)", 1.0)
     else:
         axes[0].set_axis_off()
     fr = [(p, [100 * c["results"][p]["frac_limit"] if p in c["results"] else None
                for c in cases]) for p in peers]
     m = r["machine"]
-    bars(axes[1], fr, f"fraction of the machine limit (bandwidth {m['bandwidth'] / 1e9:.1f} GB/s"
-         f" for bw-bound cases, fp32 GEMM {m['gemm_flops'] / 1e9:.0f} GFLOP/s for compute-bound)",
-         "% of limit (log)", log=True, line=100.0)
+    bars(axes[1], fr, f"% of the machine limit: bytes / {m['bandwidth'] / 1e9:.1f} GB/s or "
+         f"FLOPs / {m['gemm_flops'] / 1e9:.0f} GFLOP/s, whichever is larger",
+         "% of limit (log scale)", 100.0)
+    fig.suptitle(f"moeops bench (experts): {r['device']}, {r['threads']} threads, torch "
+                 f"{r['versions']['torch']}, transformers {r['versions']['transformers']}",
+                 fontsize=11)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -52,6 +52,8 @@ def _experts_bench(args) -> int:
             moeops_backend=args.backend, min_runs=args.min_runs,
             max_runs=args.repeats or 30, time_budget=args.time_budget,
             batched_mm_max_tokens=args.batched_mm_max_tokens, progress=not args.quiet)
+    except ValueError as e:  # unknown implementation names
+        raise SystemExit(f"moeops bench: {e}") from None
     except RuntimeError as e:
         if "moeops bench" in str(e):
             raise SystemExit(str(e)) from None
@@ -98,14 +100,15 @@ def main(argv=None) -> int:
         "bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="benchmark moeops against Hugging Face and the torch reference",
         description=(
-            "Suite 'experts' (default): moeops.fused_experts vs Hugging Face transformers' experts "
-            "implementations (eager, grouped_mm, batched_mm for tiny T) and the pure-torch "
-            "reference on real MoE layer shapes, after a correctness check per case; reports "
-            "median times, speedups and the fraction of the machine's bandwidth / fp32 GEMM "
-            "limit measured in the same run. With no case options it runs the built-in default "
-            "set (Qwen3-30B-A3B fp32 T=1,16,256 and bf16 T=1,256; Mixtral-8x7B bf16 T=1).\n\n"
-            "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs the "
-            "reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
+            "Suite 'experts' (default): moeops.fused_experts vs Hugging Face transformers'\n"
+            "experts implementations (eager, grouped_mm; batched_mm for tiny T) and the\n"
+            "pure-torch reference on real MoE layer shapes, after one correctness check per\n"
+            "case. Reports median times, speedups and the fraction of the machine's limits\n"
+            "(read bandwidth, fp32 GEMM rate) measured in the same run. Without case options\n"
+            "it runs the built-in default: Qwen3-30B-A3B fp32 T=1,16,256 and bf16 T=1,256,\n"
+            "Mixtral-8x7B bf16 T=1 (a few minutes at most on 2 cores).\n\n"
+            "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs\n"
+            "the reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
     b.add_argument("--suite", default="experts", choices=["experts", "routing"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
