@@ -82,6 +82,9 @@ MOEOPS_AVX2 inline void widen_row_avx2(const W* src, float* dst, int64_t K) {
 
 // C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K. The weight panel of 4 (or 8) rows stays in
 // L1 while all M rows stream past it; rows are taken 3 at a time (12 accumulators).
+// K is not blocked: measured on this CPU, the 3x4 block reaches ~89 GFLOP/s per core over
+// K=2048 and only 54 (K=256) / 82 (K=512) when K is cut, because every block ends with 12
+// horizontal sums.
 template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
               float* C, int64_t ldc, bool accumulate = false) {
@@ -113,8 +116,13 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
       int64_t m = 0;
       if (nr == 4) {
-        for (; m + 3 <= M; m += 3)
+        // 3-row blocks; a remainder of 1 row becomes two 2-row blocks (a 1x4 block runs at a
+        // third of the FMA rate)
+        const int64_t m3 = M % 3 == 1 && M >= 4 ? M - 4 : M - M % 3;
+        for (; m < m3; m += 3)
           dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+        for (; m + 2 <= M; m += 2)
+          dot_block_avx2<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
         for (; m < M; ++m) dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
       } else {
         for (int j = 0; j < nr; ++j) {
