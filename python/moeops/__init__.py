@@ -26,7 +26,32 @@ from moeops.ops import (  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def patch(model):
+    """Run a Hugging Face MoE model's routers and experts on moeops (in place, no weight copies).
+    See :mod:`moeops.integrations.hf`."""
+    from moeops.integrations import hf
+    return hf.patch(model)
+
+
+def unpatch(model):
+    """Undo :func:`patch`."""
+    from moeops.integrations import hf
+    return hf.unpatch(model)
+
+
+def patch_model_type(model_type: str) -> None:
+    """Patch the router and experts classes of a Hugging Face model type (e.g. ``"mixtral"``)."""
+    from moeops.integrations import hf
+    hf.patch_model_type(model_type)
+
+
+def unpatch_model_type(model_type: str) -> None:
+    """Undo :func:`patch_model_type`."""
+    from moeops.integrations import hf
+    hf.unpatch_model_type(model_type)
+
 __all__ = [
-    "BACKENDS", "GatingResult", "RoutingPlan", "combine", "fused_experts", "grouped_gemm",
+    "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
 ]

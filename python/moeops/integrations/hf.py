@@ -1,0 +1,191 @@
+"""Hugging Face transformers (5.x) integration: moeops as an experts implementation, and a patch
+that also routes with moeops' fused gating.
+
+* ``register()`` adds ``"moeops"`` to ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` so
+  ``from_pretrained(..., experts_implementation="moeops")`` and
+  ``config._experts_implementation = "moeops"`` run the experts with :func:`moeops.fused_experts`.
+* ``patch(model)`` does that for every MoE block of a loaded model *and* replaces each router's
+  forward with :func:`moeops.topk_gating`; ``unpatch(model)`` undoes it. Nothing is copied: the
+  experts use the model's own ``gate_up_proj``/``down_proj`` parameters, state_dict keys and
+  ``save_pretrained`` output are unchanged, and the router still returns
+  ``(router_logits, weights, ids)`` so ``output_router_logits`` and the load-balancing loss work.
+* ``patch_model_type("mixtral")`` patches the classes, for models built later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+from moeops.ops import fused_experts, topk_gating
+
+IMPLEMENTATION = "moeops"
+
+# model_type -> (module path, router class, experts class)
+SUPPORTED = {
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralTopKRouter", "MixtralExperts"),
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter",
+                  "Qwen2MoeExperts"),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter",
+                  "Qwen3MoeExperts"),
+    "olmoe": ("transformers.models.olmoe.modeling_olmoe", "OlmoeTopKRouter", "OlmoeExperts"),
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3TopkRouter",
+                    "DeepseekV3Experts"),
+}
+
+# transformers' hidden_act names -> moeops activations
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"moeops: {what}; supported model types: {', '.join(sorted(SUPPORTED))} "
+                      "(transformers 5.x)")
+
+
+def _activation_of(module) -> str:
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if act not in _ACTIVATIONS:
+        raise _unsupported(f"experts activation {act!r} has no moeops kernel")
+    return _ACTIVATIONS[act]
+
+
+# ----------------------------------------------------------------------------- experts
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ALL_EXPERTS_FUNCTIONS["moeops"]``: the experts module's forward on moeops' fused op.
+
+    Same contract as transformers' experts implementations: ``hidden [T, H]``, ``top_k_index
+    [T, K]`` (ids outside ``[0, E)`` are empty slots, as HF's own ``num_experts`` padding id),
+    ``top_k_weights [T, K]`` -> ``[T, H]`` in ``hidden_states.dtype``. Differentiable.
+    """
+    if getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True):
+        raise _unsupported("transposed or interleaved expert weights are not supported yet")
+    E = self.down_proj.shape[0]
+    ids = top_k_index.to(torch.int32)
+    ids = torch.where((ids >= 0) & (ids < E), ids, -1)
+    gated = getattr(self, "has_gate", True)
+    w_up = self.gate_up_proj if gated else self.up_proj
+    b_up = b_down = None
+    if getattr(self, "has_bias", False):
+        b_up = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias")
+        b_down = self.down_proj_bias
+    return fused_experts(hidden_states, ids, top_k_weights.float(), w_up, self.down_proj, b_up,
+                         b_down, activation=_activation_of(self), gated=gated)
+
+
+def register() -> None:
+    """Register ``"moeops"`` in transformers' experts interface (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+
+
+# ----------------------------------------------------------------------------- routers
+
+def _softmax_router_forward(self, hidden_states):
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE router on moeops gating (same outputs as HF)."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    renorm = getattr(self, "norm_topk_prob", True)  # Mixtral always renormalises
+    w, ids, _, _ = topk_gating(router_logits, self.top_k, renormalize=renorm)
+    if hasattr(self, "norm_topk_prob"):  # the Qwen/OLMoE routers return weights in the logits dtype
+        w = w.to(router_logits.dtype)
+    return router_logits, w, ids.long()
+
+
+def _deepseek_v3_router_forward(self, hidden_states):
+    """DeepSeek-V3 router: sigmoid, selection-only bias, group-limited top-k, scaling."""
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    w, ids, _, _ = topk_gating(router_logits, self.top_k, scoring="sigmoid",
+                               renormalize=self.norm_topk_prob,
+                               routed_scaling_factor=self.routed_scaling_factor,
+                               bias=self.e_score_correction_bias, n_group=self.num_group,
+                               topk_group=self.topk_group)
+    return router_logits, w, ids.long()
+
+
+def _router_forward_for(model_type: str):
+    return _deepseek_v3_router_forward if model_type == "deepseek_v3" else _softmax_router_forward
+
+
+def _classes(model_type: str):
+    if model_type not in SUPPORTED:
+        raise _unsupported(f"model type {model_type!r} is not supported")
+    path, router, experts = SUPPORTED[model_type]
+    mod = importlib.import_module(path)
+    return getattr(mod, router), getattr(mod, experts)
+
+
+# ----------------------------------------------------------------------------- patching
+
+def patch(model: torch.nn.Module) -> torch.nn.Module:
+    """Run every MoE block of ``model`` on moeops: routers on the fused gating op, experts on
+    the fused experts op. In place, idempotent, no weight copies; returns ``model``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    router_cls, experts_cls = _classes(model_type)
+    register()
+    forward = _router_forward_for(model_type)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, router_cls) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(forward, module)
+            found += 1
+        elif isinstance(module, experts_cls):
+            cfg = module.config
+            if getattr(cfg, "_experts_implementation", None) != IMPLEMENTATION:
+                module._moeops_prev_impl = getattr(cfg, "_experts_implementation", None)
+                cfg._experts_implementation = IMPLEMENTATION
+            found += 1
+    if found == 0:
+        raise ValueError(f"moeops.patch: no {model_type} MoE router or experts module in this model")
+    model._moeops_patched = True
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch` (in place); returns ``model``."""
+    for module in model.modules():
+        if "forward" in module.__dict__ and isinstance(module.__dict__["forward"], types.MethodType) \
+                and module.__dict__["forward"].__func__ in (_softmax_router_forward,
+                                                            _deepseek_v3_router_forward):
+            del module.forward
+        if hasattr(module, "_moeops_prev_impl"):
+            module.config._experts_implementation = module._moeops_prev_impl
+            del module._moeops_prev_impl
+    model.__dict__.pop("_moeops_patched", None)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """True if :func:`patch` was applied to ``model`` (and not undone)."""
+    return bool(getattr(model, "_moeops_patched", False))
+
+
+_class_patches: dict[str, tuple] = {}
+
+
+def patch_model_type(model_type: str) -> None:
+    """Patch the router and experts *classes* of ``model_type``: models built afterwards (and
+    existing ones) route and run their experts on moeops. Undo with :func:`unpatch_model_type`."""
+    router_cls, experts_cls = _classes(model_type)
+    if model_type in _class_patches:
+        return
+    register()
+    _class_patches[model_type] = (router_cls, router_cls.forward, experts_cls, experts_cls.forward)
+    router_cls.forward = _router_forward_for(model_type)
+    experts_cls.forward = experts_forward
+
+
+def unpatch_model_type(model_type: str) -> None:
+    """Restore the classes patched by :func:`patch_model_type`."""
+    if model_type not in _class_patches:
+        return
+    router_cls, router_fwd, experts_cls, experts_fwd = _class_patches.pop(model_type)
+    router_cls.forward = router_fwd
+    experts_cls.forward = experts_fwd
