@@ -80,7 +80,27 @@ def _bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.suite == "routing":
         return _routing_bench(args)
+    if args.suite == "model":
+        return _model_bench(args)
     return _experts_bench(args)
+
+
+def _model_bench(args) -> int:
+    from moeops.bench_model import format_model_bench, run_model_bench
+
+    if args.device != "cpu":
+        raise SystemExit("moeops bench --suite model: CPU only for now")
+    r = run_model_bench(layers=args.layers, dtype=args.dtype if args.dtype != "fp16" else "bf16",
+                        prompt=args.tokens[0] if args.tokens else 128,
+                        new_tokens=args.new_tokens, runs=args.repeats or 3)
+    if args.json == "-":
+        print(json.dumps(r, indent=2))
+    else:
+        print(format_model_bench(r))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+    return 0 if r["same_tokens"] else 1
 
 
 def _csv(kind):
@@ -107,9 +127,12 @@ def main(argv=None) -> int:
             "(read bandwidth, fp32 GEMM rate) measured in the same run. Without case options\n"
             "it runs the built-in default: Qwen3-30B-A3B fp32 T=1,16,256 and bf16 T=1,256,\n"
             "Mixtral-8x7B bf16 T=1 (a few minutes at most on 2 cores).\n\n"
+            "Suite 'model': a Qwen3-MoE with Qwen3-30B-A3B's layer shape (--layers, random\n"
+            "weights), patched with moeops vs unpatched: prefill and decode tokens/s\n"
+            "(--tokens = prompt length, --new-tokens, --dtype bf16|fp32).\n\n"
             "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs\n"
             "the reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
-    b.add_argument("--suite", default="experts", choices=["experts", "routing"])
+    b.add_argument("--suite", default="experts", choices=["experts", "routing", "model"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     b.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -144,6 +167,9 @@ def main(argv=None) -> int:
     g.add_argument("--plot", default=None, metavar="OUT.png",
                    help="write speedup and %%-of-limit charts (needs matplotlib)")
     g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    md = b.add_argument_group("model suite")
+    md.add_argument("--layers", type=int, default=2, help="decoder layers of the demo model")
+    md.add_argument("--new-tokens", type=int, default=16, help="greedy decode steps")
     r = b.add_argument_group("routing suite")
     r.add_argument("--experts", type=int, default=128)
     r.add_argument("--top-k", type=int, default=8)
