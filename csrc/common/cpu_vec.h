@@ -3,6 +3,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+
+#include "common/launch_types.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -13,6 +15,16 @@ inline float to_f32(float x) { return x; }
 inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_f32(c10::Half x) { return static_cast<float>(x); }
 template <class T> inline T from_f32(float x) { return static_cast<T>(x); }
+
+// Calls f(T{}) with T the C++ type of a moeops float dtype.
+template <class F>
+void dispatch_float(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(float{}); break;
+    case DType::F16: f(c10::Half{}); break;
+    case DType::BF16: f(c10::BFloat16{}); break;
+  }
+}
 
 #if defined(__x86_64__)
 #define MOEOPS_HAS_AVX2_PATH 1

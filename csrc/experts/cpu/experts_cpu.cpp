@@ -46,14 +46,6 @@ int64_t column_block(int64_t total_rows_of_work, int64_t N, int64_t align) {
   return std::max<int64_t>(align, nb / align * align);
 }
 
-template <class F>
-void dispatch_w(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(float{}); break;
-    case DType::F16: f(c10::Half{}); break;
-    case DType::BF16: f(c10::BFloat16{}); break;
-  }
-}
 
 Tensor to_f32_contig(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
 
@@ -96,7 +88,7 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
   const float* A = x.data_ptr<float>();
   if (off[E] < R) std::fill(C + off[E] * N, C + R * N, 0.f);
   const auto items = make_items(off, E, N, column_block(off[E], N, w_transposed ? 16 : 4));
-  dispatch_w(to_dtype(w, "w"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(w, "w"), [&](auto tag) {
     using W = decltype(tag);
     const W* B = static_cast<const W*>(w.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
@@ -161,7 +153,7 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   for (Tensor* t : {&X, &U, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
   float *Xp = X.data_ptr<float>(), *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
   const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
-  dispatch_w(to_dtype(hidden, "hidden"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
     using TH = decltype(tag);
     const TH* hp = static_cast<const TH*>(hidden.data_ptr());
     const int64_t hs = hidden.stride(0);
@@ -179,7 +171,7 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   const float* bup = b_up.defined() ? b_up.data_ptr<float>() : nullptr;
   const float* bdn = b_down.defined() ? b_down.data_ptr<float>() : nullptr;
   const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
-  dispatch_w(to_dtype(w_up, "w_up"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(w_up, "w_up"), [&](auto tag) {
     using W = decltype(tag);
     const W* B = static_cast<const W*>(w_up.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
@@ -206,7 +198,7 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
 
   // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
   const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
-  dispatch_w(to_dtype(w_down, "w_down"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(w_down, "w_down"), [&](auto tag) {
     using W = decltype(tag);
     const W* B = static_cast<const W*>(w_down.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
@@ -225,7 +217,7 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   // 5. deterministic weighted combine: slots in order, fp32, one rounding
   const float* wp = rw.data_ptr<float>();
   const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
-  dispatch_w(to_dtype(out, "hidden"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(out, "hidden"), [&](auto tag) {
     using TO = decltype(tag);
     TO* op = static_cast<TO*>(out.data_ptr());
     at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * K, 1)), [&](int64_t b, int64_t end) {

@@ -80,14 +80,6 @@ void combine_kernel(const Tensor& x, const Tensor& weights, const Tensor& invers
   });
 }
 
-template <class F>
-void dispatch_float(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(float{}); break;
-    case DType::F16: f(c10::Half{}); break;
-    case DType::BF16: f(c10::BFloat16{}); break;
-  }
-}
 
 }  // namespace
 
@@ -141,7 +133,7 @@ Tensor permute_cpu(const Tensor& hidden_in, const Tensor& sorted_slots_in, int64
   cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
   Tensor scale = slot_scale.has_value() ? slot_scale->contiguous() : Tensor();
   const float* scp = scale.defined() ? scale.data_ptr<float>() : nullptr;
-  dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
     using T_ = decltype(tag);
     permute_kernel<T_>(hidden, sp, R, top_k, scp, static_cast<T_*>(out.data_ptr()));
   });
@@ -160,7 +152,7 @@ Tensor combine_cpu(const Tensor& expert_out_in, const Tensor& weights_in, const 
                       " is out of range [-1, R=", R, ")");
   Tensor out = at::empty({w.size(0), x.size(1)}, x.options());
   cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
-  dispatch_float(to_dtype(x, "expert_out"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(x, "expert_out"), [&](auto tag) {
     combine_kernel<decltype(tag)>(x, w, inv, out);
   });
   return out;
