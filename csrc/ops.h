@@ -4,6 +4,8 @@
 #include <string_view>
 #include <tuple>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/TensorBody.h>
+#include <c10/util/ArrayRef.h>
 
 namespace moeops {
 using at::Tensor;
@@ -27,6 +29,8 @@ Tensor fused_experts_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& 
                          const Tensor& w_down, const std::optional<Tensor>& b_up,
                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
                          const std::optional<Tensor>& gain);
+Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
+                              at::TensorList w_up, at::TensorList w_down, std::string_view activation);
 
 #ifdef MOEOPS_WITH_CUDA
 GatingOut topk_gating_cuda(MOEOPS_GATING_ARGS);

@@ -28,6 +28,10 @@ TORCH_LIBRARY(moeops, m) {
       "fused_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor w_up, Tensor w_down, "
       "Tensor? b_up=None, Tensor? b_down=None, str activation=\"silu\", bool gated=True, "
       "Tensor? gain=None) -> Tensor");
+  // fused_experts over per-expert weight lists (transformers 4.x): w_gate[e], w_up[e] [I,H], w_down[e] [H,I]
+  m.def(
+      "fused_experts_list(Tensor hidden, Tensor ids, Tensor weights, Tensor[] w_gate, Tensor[] w_up, "
+      "Tensor[] w_down, str activation=\"silu\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {
@@ -37,6 +41,7 @@ TORCH_LIBRARY_IMPL(moeops, CPU, m) {
   m.impl("combine", &moeops::combine_cpu);
   m.impl("grouped_gemm", &moeops::grouped_gemm_cpu);
   m.impl("fused_experts", &moeops::fused_experts_cpu);
+  m.impl("fused_experts_list", &moeops::fused_experts_list_cpu);
 }
 
 #ifdef MOEOPS_WITH_CUDA

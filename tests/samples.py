@@ -131,3 +131,24 @@ SAMPLES = {
     "grouped_gemm": grouped_gemm_samples,
     "fused_experts": fused_experts_samples,
 }
+
+
+def fused_experts_list_samples(device):
+    g = torch.Generator().manual_seed(7)
+    T, H, I, E, K = 6, 16, 8, 3, 2
+    h = torch.randn(T, H, generator=g).to(device)
+    ids = _ids(T, K, E, device, empty_every=5)
+    w = torch.rand(T, K, generator=g).to(device)
+    wg = [(torch.randn(I, H, generator=g) * 0.2).to(device) for _ in range(E)]
+    wu = [(torch.randn(I, H, generator=g) * 0.2).to(device) for _ in range(E)]
+    wd = [(torch.randn(H, I, generator=g) * 0.2).to(device) for _ in range(E)]
+    return [
+        ((h, ids, w, wg, wu, wd), {}),
+        ((h.bfloat16(), ids, w, [t.bfloat16() for t in wg], [t.bfloat16() for t in wu],
+          [t.bfloat16() for t in wd]), dict(activation="gelu")),
+        ((h.clone().requires_grad_(), ids, w.clone().requires_grad_(),
+          [t.clone().requires_grad_() for t in wg], wu, [t.clone().requires_grad_() for t in wd]), {}),
+    ]
+
+
+SAMPLES["fused_experts_list"] = fused_experts_list_samples

@@ -101,4 +101,48 @@ inline ExpertsDims check_fused_experts_args(const Tensor& hidden, const Tensor& 
   return d;
 }
 
+// Per-expert weight lists (transformers 4.x ModuleLists): w_gate[e], w_up[e] [I, H], w_down[e]
+// [H, I], each contiguous, one dtype per list, all on hidden's device. Gated experts.
+inline ExpertsDims check_experts_list_args(const Tensor& hidden, const Tensor& ids, const Tensor& weights,
+                                           at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
+                                           std::string_view activation) {
+  check_dim(hidden, 2, "hidden", "[T, H]");
+  to_dtype(hidden, "hidden");
+  check_dim(ids, 2, "ids", "[T, K]");
+  check_dtype(ids, at::kInt, "ids");
+  check_dim(weights, 2, "weights", "[T, K]");
+  check_dtype(weights, at::kFloat, "weights");
+  check_same_device(ids, hidden, "ids", "hidden");
+  check_same_device(weights, hidden, "weights", "hidden");
+  TORCH_CHECK_VALUE(ids.size(0) == hidden.size(0) && weights.sizes() == ids.sizes(),
+                    "moeops: ids and weights must be [T, K] with T=", hidden.size(0), ", got ", ids.sizes(), " and ",
+                    weights.sizes());
+  ExpertsDims d{};
+  d.T = hidden.size(0);
+  d.H = hidden.size(1);
+  d.K = ids.size(1);
+  d.E = static_cast<int64_t>(w_down.size());
+  d.I = w_gate.size() > 0 && w_gate[0].dim() == 2 ? w_gate[0].size(0) : 0;
+  d.n_up = 2 * d.I;
+  d.act = parse_activation(activation);
+  const std::pair<at::TensorList, const char*> lists[] = {{w_gate, "w_gate"}, {w_up, "w_up"}, {w_down, "w_down"}};
+  for (const auto& [list, name] : lists) {
+    const bool down = std::string_view(name) == "w_down";
+    for (size_t e = 0; e < list.size(); ++e) {
+      const Tensor& t = list[e];
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == (down ? d.H : d.I) && t.size(1) == (down ? d.I : d.H),
+                        "moeops: ", name, "[", e, "] must be ", down ? "[H, I] = [" : "[I, H] = [",
+                        down ? d.H : d.I, ", ", down ? d.I : d.H, "], got ", t.sizes());
+      TORCH_CHECK_VALUE(t.is_contiguous(), "moeops: ", name, "[", e, "] must be contiguous");
+      TORCH_CHECK_TYPE(t.scalar_type() == list[0].scalar_type(), "moeops: ", name, "[", e, "] is ", t.scalar_type(),
+                       " but ", name, "[0] is ", list[0].scalar_type());
+      to_dtype(t, name);
+      check_same_device(t, hidden, name, "hidden");
+    }
+  }
+  TORCH_CHECK_TYPE(w_gate[0].scalar_type() == w_up[0].scalar_type(), "moeops: w_gate and w_up must share a dtype");
+  TORCH_CHECK_VALUE(d.T * d.K < std::numeric_limits<int32_t>::max(), "moeops: T*K must be < 2^31");
+  return d;
+}
+
 }  // namespace moeops

@@ -18,6 +18,7 @@ from moeops.ops import (  # noqa: E402
     RoutingPlan,
     combine,
     fused_experts,
+    fused_experts_list,
     grouped_gemm,
     permute,
     route_plan,
@@ -52,6 +53,6 @@ def unpatch_model_type(model_type: str) -> None:
     hf.unpatch_model_type(model_type)
 
 __all__ = [
-    "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "grouped_gemm",
+    "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
 ]

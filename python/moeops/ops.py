@@ -133,6 +133,20 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return fn(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain)
 
 
+def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       w_gate: list[torch.Tensor], w_up: list[torch.Tensor],
+                       w_down: list[torch.Tensor], *, activation: str = "silu",
+                       backend: str = "auto") -> torch.Tensor:
+    """:func:`fused_experts` for gated experts kept as per-expert tensors (transformers 4.x
+    ModuleLists): ``w_gate[e]``, ``w_up[e]`` ``[I, H]``, ``w_down[e]`` ``[H, I]``, each
+    contiguous. The kernel reads every expert's weights where they are: nothing is stacked or
+    copied. Differentiable with respect to hidden, weights and every weight tensor (the backward
+    stacks the weights temporarily).
+    """
+    fn = resolve("fused_experts_list", backend, hidden)
+    return fn(hidden, ids, weights, list(w_gate), list(w_up), list(w_down), activation)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 def _check_devices(ref_name: str, ref: torch.Tensor, **others) -> None:
@@ -189,6 +203,15 @@ def _fused_experts_fake(hidden, ids, weights, w_up, w_down, b_up=None, b_down=No
                         activation="silu", gated=True, gain=None):
     _check_devices("hidden", hidden, ids=ids, weights=weights, w_up=w_up, w_down=w_down,
                    b_up=b_up, b_down=b_down, gain=gain)
+    torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.register_fake("moeops::fused_experts_list")
+def _fused_experts_list_fake(hidden, ids, weights, w_gate, w_up, w_down, activation="silu"):
+    _check_devices("hidden", hidden, ids=ids, weights=weights, **{
+        f"w_{n}[{e}]": t for n, ts in (("gate", w_gate), ("up", w_up), ("down", w_down))
+        for e, t in enumerate(ts)})
     torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
     return hidden.new_empty(hidden.shape)
 
@@ -435,3 +458,27 @@ def _fe_backward(ctx, grad):
 
 
 torch.library.register_autograd("moeops::fused_experts", _fe_backward, setup_context=_fe_setup)
+
+
+def _fel_setup(ctx, inputs, output):
+    hidden, ids, weights, w_gate, w_up, w_down, activation = inputs
+    ctx.activation = activation
+    ctx.E = len(w_down)
+    ctx.save_for_backward(hidden, ids, weights, *w_gate, *w_up, *w_down)
+
+
+def _fel_backward(ctx, grad):
+    hidden, ids, weights, *ws = ctx.saved_tensors
+    E = ctx.E
+    w_gate, w_up, w_down = ws[:E], ws[E:2 * E], ws[2 * E:]
+    gate_up = torch.cat([torch.stack(w_gate), torch.stack(w_up)], dim=1)  # temporary, backward only
+    gh, gw, gup, gdown, _, _ = _fused_experts_backward(
+        grad, hidden, ids, weights, gate_up, torch.stack(w_down), None, None, ctx.activation, True,
+        None)
+    i = gup.shape[1] // 2
+    return (gh, None, gw, list(gup[:, :i].unbind(0)), list(gup[:, i:].unbind(0)),
+            list(gdown.unbind(0)), None)
+
+
+torch.library.register_autograd("moeops::fused_experts_list", _fel_backward,
+                                setup_context=_fel_setup)

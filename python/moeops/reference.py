@@ -276,3 +276,13 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     for k in range(K):  # fixed slot order
         out = out + ys[:, k]
     return out.to(hidden.dtype)
+
+
+def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       w_gate: list[torch.Tensor], w_up: list[torch.Tensor],
+                       w_down: list[torch.Tensor], activation: str = "silu") -> torch.Tensor:
+    """:func:`fused_experts` (gated) with per-expert weight lists, transformers 4.x style:
+    ``w_gate[e]``, ``w_up[e]`` ``[I, H]`` and ``w_down[e]`` ``[H, I]``."""
+    gate_up = torch.cat([torch.stack(list(w_gate)), torch.stack(list(w_up))], dim=1)
+    return fused_experts(hidden, ids, weights, gate_up, torch.stack(list(w_down)),
+                         activation=activation, gated=True)

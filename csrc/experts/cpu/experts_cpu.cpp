@@ -106,6 +106,21 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
   return direct ? out32 : out32.to(x_in.scalar_type());
 }
 
+namespace {
+
+// Per-expert weight base pointers: the stacked Hugging Face layout ([E, N_up, H] / [E, H, I])
+// and a list of per-expert tensors (transformers 4.x ModuleLists) share one kernel.
+struct ExpertPtrs {
+  DType up_dtype, down_dtype;
+  std::vector<const void*> gate, up, down;  // up is unused for non-gated experts
+};
+
+Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
+                          const ExpertPtrs& wp_, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
+                          bool gated);
+
+}  // namespace
+
 Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
                          const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
                          const std::optional<Tensor>& b_down_in, std::string_view activation, bool gated,
@@ -113,12 +128,44 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_cpu got hidden on ", hidden_in.device());
   const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
                                                  b_down_in, activation, gated, gain_in);
-  const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
-  const Tensor ids = ids_in.contiguous(), rw = weights_in.contiguous();
   const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
-  const Tensor gain = gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor();
-  const Tensor b_up = b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor();
-  const Tensor b_down = b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor();
+  ExpertPtrs p{to_dtype(w_up, "w_up"), to_dtype(w_down, "w_down"), {}, {}, {}};
+  const int64_t eu = w_up.element_size(), ed = w_down.element_size();
+  for (int64_t e = 0; e < d.E; ++e) {
+    const char* base = static_cast<const char*>(w_up.data_ptr()) + e * d.n_up * d.H * eu;
+    p.gate.push_back(base);
+    p.up.push_back(base + d.I * d.H * eu);
+    p.down.push_back(static_cast<const char*>(w_down.data_ptr()) + e * d.H * d.I * ed);
+  }
+  return fused_experts_core(hidden_in, ids_in.contiguous(), weights_in.contiguous(), d, p,
+                            b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor(),
+                            b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor(),
+                            gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated);
+}
+
+Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
+                              at::TensorList w_up, at::TensorList w_down, std::string_view activation) {
+  TORCH_CHECK_VALUE(hidden.device().is_cpu(), "moeops: fused_experts_list_cpu got hidden on ", hidden.device());
+  const int64_t E = static_cast<int64_t>(w_down.size());
+  TORCH_CHECK_VALUE(E >= 1 && static_cast<int64_t>(w_gate.size()) == E && static_cast<int64_t>(w_up.size()) == E,
+                    "moeops: w_gate, w_up and w_down must list the same number (>= 1) of experts, got ",
+                    w_gate.size(), ", ", w_up.size(), ", ", w_down.size());
+  const ExpertsDims d = check_experts_list_args(hidden, ids, weights, w_gate, w_up, w_down, activation);
+  ExpertPtrs p{to_dtype(w_gate[0], "w_gate"), to_dtype(w_down[0], "w_down"), {}, {}, {}};
+  for (int64_t e = 0; e < E; ++e) {
+    p.gate.push_back(w_gate[e].data_ptr());
+    p.up.push_back(w_up[e].data_ptr());
+    p.down.push_back(w_down[e].data_ptr());
+  }
+  return fused_experts_core(hidden, ids.contiguous(), weights.contiguous(), d, p, Tensor(), Tensor(), Tensor(), true);
+}
+
+namespace {
+
+Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
+                          const ExpertPtrs& wptr, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
+                          bool gated) {
+  const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
   const float* gp = gain.defined() ? gain.data_ptr<float>() : nullptr;
 
   // 1. plan: counting sort of the non-empty slots by expert (slot order within an expert);
@@ -171,17 +218,19 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   const float* bup = b_up.defined() ? b_up.data_ptr<float>() : nullptr;
   const float* bdn = b_down.defined() ? b_down.data_ptr<float>() : nullptr;
   const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
-  cpu::dispatch_float(to_dtype(w_up, "w_up"), [&](auto tag) {
+  cpu::dispatch_float(wptr.up_dtype, [&](auto tag) {
     using W = decltype(tag);
-    const W* B = static_cast<const W*>(w_up.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const Item& it = up_items[i];
-        const W* Be = B + it.e * NU * H;
+        const W* G = static_cast<const W*>(wptr.gate[it.e]);
         const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
         float* Cg = Up + it.m0 * NU;
-        cpu::gemm_dot(Xp + it.m0 * H, H, M, Be + it.n0 * H, H, nb, H, Cg + it.n0, NU);
-        if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Be + (I + it.n0) * H, H, nb, H, Cg + I + it.n0, NU);
+        cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
+        if (gated) {
+          const W* U = static_cast<const W*>(wptr.up[it.e]);
+          cpu::gemm_dot(Xp + it.m0 * H, H, M, U + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+        }
         const float* bu = bup ? bup + it.e * NU : nullptr;
         for (int64_t m = 0; m < M; ++m) {
           float* row = Cg + m * NU;
@@ -198,15 +247,14 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
 
   // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
   const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
-  cpu::dispatch_float(to_dtype(w_down, "w_down"), [&](auto tag) {
+  cpu::dispatch_float(wptr.down_dtype, [&](auto tag) {
     using W = decltype(tag);
-    const W* B = static_cast<const W*>(w_down.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const Item& it = down_items[i];
         const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
         float* C = Yp + it.m0 * H + it.n0;
-        cpu::gemm_dot(Up + it.m0 * NU, NU, M, B + it.e * H * I + it.n0 * I, I, nb, I, C, H);
+        cpu::gemm_dot(Up + it.m0 * NU, NU, M, static_cast<const W*>(wptr.down[it.e]) + it.n0 * I, I, nb, I, C, H);
         if (bdn)
           for (int64_t m = 0; m < M; ++m)
             for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];
@@ -235,4 +283,5 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   return out;
 }
 
+}  // namespace
 }  // namespace moeops
