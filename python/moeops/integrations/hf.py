@@ -1,4 +1,4 @@
-"""Hugging Face transformers (5.x) integration: moeops as an experts implementation, and a patch
+"""Hugging Face transformers integration (5.x; Mixtral and Qwen2-MoE also on 4.x): moeops as an experts implementation, and a patch
 that also routes with moeops' fused gating.
 
 * ``register()`` adds ``"moeops"`` to ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` so
@@ -15,12 +15,11 @@ that also routes with moeops' fused gating.
 from __future__ import annotations
 
 import importlib
-import types
 
 import torch
 import torch.nn.functional as F
 
-from moeops.ops import fused_experts, topk_gating
+from moeops.ops import fused_experts, fused_experts_list, topk_gating
 
 IMPLEMENTATION = "moeops"
 
@@ -114,6 +113,77 @@ def _router_forward_for(model_type: str):
     return _deepseek_v3_router_forward if model_type == "deepseek_v3" else _softmax_router_forward
 
 
+# ----------------------------------------------------------------------------- transformers 4.x
+# 4.x keeps experts as a ModuleList of per-expert MLPs and routes inside the sparse MoE block.
+# The patched block forward routes with topk_gating and runs fused_experts_list over the experts'
+# own weight tensors: nothing is stacked or copied, so memory does not grow.
+
+SUPPORTED_V4 = {
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock",
+                ("w1", "w3", "w2")),
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock",
+                  ("gate_proj", "up_proj", "down_proj")),
+}
+
+_V4_WEIGHT_NAMES = {block: names for _, block, names in SUPPORTED_V4.values()}
+
+_ACT_MODULES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu",
+                "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+                "GELUTanh": "gelu_tanh", "ReLU": "relu", "ReLUSquaredActivation": "relu2"}
+
+
+def _v4_activation(expert) -> str:
+    name = type(expert.act_fn).__name__
+    if name not in _ACT_MODULES:
+        raise _unsupported(f"experts activation {name} has no moeops kernel")
+    return _ACT_MODULES[name]
+
+
+def _v4_block_forward(self, hidden_states: torch.Tensor):
+    """transformers 4.x Mixtral / Qwen2-MoE sparse MoE block on moeops (same outputs as HF)."""
+    batch, seq, hidden_dim = hidden_states.shape
+    if self.training and getattr(self, "jitter_noise", 0) > 0:
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+            1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    x = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(x)
+    w, ids, _, _ = topk_gating(router_logits, self.top_k,
+                               renormalize=getattr(self, "norm_topk_prob", True))
+    w = w.to(x.dtype).float()  # HF casts the routing weights to the hidden dtype
+    g, u, d = _V4_WEIGHT_NAMES[type(self).__name__]
+    out = fused_experts_list(x, ids, w, [getattr(e, g).weight for e in self.experts],
+                             [getattr(e, u).weight for e in self.experts],
+                             [getattr(e, d).weight for e in self.experts],
+                             activation=_v4_activation(self.experts[0]))
+    if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    return out.reshape(batch, seq, hidden_dim), router_logits
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _patch_v4(model, model_type: str):
+    if model_type not in SUPPORTED_V4:
+        raise ValueError(f"moeops: model type {model_type!r} is not supported with transformers "
+                         f"4.x; supported there: {', '.join(sorted(SUPPORTED_V4))}")
+    path, block, _ = SUPPORTED_V4[model_type]
+    block_cls = getattr(importlib.import_module(path), block)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, block_cls):
+            if not _is_patched_forward(module):
+                module.forward = _PatchedForward(module, _v4_block_forward)
+            found += 1
+    if found == 0:
+        raise ValueError(f"moeops.patch: no {model_type} sparse MoE block in this model")
+    model._moeops_patched = True
+    return model
+
+
 def _classes(model_type: str):
     if model_type not in SUPPORTED:
         raise _unsupported(f"model type {model_type!r} is not supported")
@@ -124,17 +194,42 @@ def _classes(model_type: str):
 
 # ----------------------------------------------------------------------------- patching
 
+class _PatchedForward:
+    """A patched ``forward`` bound to one module. A plain picklable object (a bound method of a
+    function that is not the module's attribute cannot be unpickled), so ``torch.save`` /
+    ``torch.load`` and ``copy.deepcopy`` of a patched model work."""
+
+    def __init__(self, module: torch.nn.Module, fn):
+        self.module = module
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if _transformers_major() >= 5:  # the config still names the "moeops" implementation
+            register()
+
+
+def _is_patched_forward(module: torch.nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _PatchedForward)
+
+
 def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Run every MoE block of ``model`` on moeops: routers on the fused gating op, experts on
     the fused experts op. In place, idempotent, no weight copies; returns ``model``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if _transformers_major() < 5:
+        return _patch_v4(model, model_type)
     router_cls, experts_cls = _classes(model_type)
     register()
     forward = _router_forward_for(model_type)
     found = 0
     for module in model.modules():
-        if isinstance(module, router_cls) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(forward, module)
+        if isinstance(module, router_cls):
+            if not _is_patched_forward(module):
+                module.forward = _PatchedForward(module, forward)
             found += 1
         elif isinstance(module, experts_cls):
             cfg = module.config
@@ -151,9 +246,7 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch` (in place); returns ``model``."""
     for module in model.modules():
-        if "forward" in module.__dict__ and isinstance(module.__dict__["forward"], types.MethodType) \
-                and module.__dict__["forward"].__func__ in (_softmax_router_forward,
-                                                            _deepseek_v3_router_forward):
+        if _is_patched_forward(module):
             del module.forward
         if hasattr(module, "_moeops_prev_impl"):
             module.config._experts_implementation = module._moeops_prev_impl
@@ -173,9 +266,18 @@ _class_patches: dict[str, tuple] = {}
 def patch_model_type(model_type: str) -> None:
     """Patch the router and experts *classes* of ``model_type``: models built afterwards (and
     existing ones) route and run their experts on moeops. Undo with :func:`unpatch_model_type`."""
-    router_cls, experts_cls = _classes(model_type)
     if model_type in _class_patches:
         return
+    if _transformers_major() < 5:
+        if model_type not in SUPPORTED_V4:
+            raise ValueError(f"moeops: model type {model_type!r} is not supported with "
+                             f"transformers 4.x; supported there: {', '.join(sorted(SUPPORTED_V4))}")
+        path, block, _ = SUPPORTED_V4[model_type]
+        block_cls = getattr(importlib.import_module(path), block)
+        _class_patches[model_type] = (block_cls, block_cls.forward, None, None)
+        block_cls.forward = _v4_block_forward
+        return
+    router_cls, experts_cls = _classes(model_type)
     register()
     _class_patches[model_type] = (router_cls, router_cls.forward, experts_cls, experts_cls.forward)
     router_cls.forward = _router_forward_for(model_type)
@@ -188,4 +290,5 @@ def unpatch_model_type(model_type: str) -> None:
         return
     router_cls, router_fwd, experts_cls, experts_fwd = _class_patches.pop(model_type)
     router_cls.forward = router_fwd
-    experts_cls.forward = experts_fwd
+    if experts_cls is not None:
+        experts_cls.forward = experts_fwd
