@@ -28,9 +28,11 @@ Tensor grouped_gemm_cpu(const Tensor& x, const Tensor& w, const Tensor& offsets,
 Tensor fused_experts_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
                          const Tensor& w_down, const std::optional<Tensor>& b_up,
                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
-                         const std::optional<Tensor>& gain);
+                         const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                         const std::optional<Tensor>& shared_gate);
 Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
-                              at::TensorList w_up, at::TensorList w_down, std::string_view activation);
+                              at::TensorList w_up, at::TensorList w_down, std::string_view activation,
+                              const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate);
 
 #ifdef MOEOPS_WITH_CUDA
 GatingOut topk_gating_cuda(MOEOPS_GATING_ARGS);

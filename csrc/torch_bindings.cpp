@@ -24,14 +24,15 @@ TORCH_LIBRARY(moeops, m) {
   // x [R,K], w [E,N,K] (or [E,K,N] if w_transposed), offsets [E+1] i32 -> [R,N]
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor offsets, bool w_transposed=False) -> Tensor");
   // hidden [T,H], ids [T,K] i32, weights [T,K] f32, w_up [E,N_up,H], w_down [E,H,I] -> [T,H]
+  // (+ shared_gate[t] * shared_out[t] in the combine)
   m.def(
       "fused_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor w_up, Tensor w_down, "
       "Tensor? b_up=None, Tensor? b_down=None, str activation=\"silu\", bool gated=True, "
-      "Tensor? gain=None) -> Tensor");
+      "Tensor? gain=None, Tensor? shared_out=None, Tensor? shared_gate=None) -> Tensor");
   // fused_experts over per-expert weight lists (transformers 4.x): w_gate[e], w_up[e] [I,H], w_down[e] [H,I]
   m.def(
       "fused_experts_list(Tensor hidden, Tensor ids, Tensor weights, Tensor[] w_gate, Tensor[] w_up, "
-      "Tensor[] w_down, str activation=\"silu\") -> Tensor");
+      "Tensor[] w_down, str activation=\"silu\", Tensor? shared_out=None, Tensor? shared_gate=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {

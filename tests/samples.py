@@ -152,3 +152,22 @@ def fused_experts_list_samples(device):
 
 
 SAMPLES["fused_experts_list"] = fused_experts_list_samples
+
+
+def _fused_experts_shared_samples(device):
+    g = torch.Generator().manual_seed(9)
+    T, H, I, E, K = 5, 16, 8, 3, 2
+    h = torch.randn(T, H, generator=g).to(device)
+    ids = _ids(T, K, E, device, empty_every=4)
+    w = torch.rand(T, K, generator=g).to(device)
+    wu = (torch.randn(E, 2 * I, H, generator=g) * 0.2).to(device)
+    wd = (torch.randn(E, H, I, generator=g) * 0.2).to(device)
+    so = torch.randn(T, H, generator=g).to(device)
+    sg = torch.rand(T, 1, generator=g).to(device)
+    return [((h, ids, w, wu, wd), dict(shared_out=so, shared_gate=sg)),
+            ((h.clone().requires_grad_(), ids, w, wu, wd),
+             dict(shared_out=so.clone().requires_grad_(), shared_gate=sg.clone().requires_grad_()))]
+
+
+_fused_plain = SAMPLES["fused_experts"]
+SAMPLES["fused_experts"] = lambda device: _fused_plain(device) + _fused_experts_shared_samples(device)

@@ -101,6 +101,20 @@ inline ExpertsDims check_fused_experts_args(const Tensor& hidden, const Tensor& 
   return d;
 }
 
+// A shared expert's output [T, H] (any float dtype) and its gate [T] or [T, 1], added in the combine.
+inline void check_shared_args(const Tensor& shared, const std::optional<Tensor>& gate, const Tensor& hidden) {
+  check_same_device(shared, hidden, "shared_out", "hidden");
+  to_dtype(shared, "shared_out");
+  TORCH_CHECK_VALUE(shared.sizes() == hidden.sizes(), "moeops: shared_out must have the shape of hidden ",
+                    hidden.sizes(), ", got ", shared.sizes());
+  if (gate.has_value()) {
+    check_same_device(*gate, hidden, "shared_gate", "hidden");
+    to_dtype(*gate, "shared_gate");
+    TORCH_CHECK_VALUE(gate->numel() == hidden.size(0) && (gate->dim() == 1 || (gate->dim() == 2 && gate->size(1) == 1)),
+                      "moeops: shared_gate must be [T] or [T, 1] with T=", hidden.size(0), ", got ", gate->sizes());
+  }
+}
+
 // Per-expert weight lists (transformers 4.x ModuleLists): w_gate[e], w_up[e] [I, H], w_down[e]
 // [H, I], each contiguous, one dtype per list, all on hidden's device. Gated experts.
 inline ExpertsDims check_experts_list_args(const Tensor& hidden, const Tensor& ids, const Tensor& weights,

@@ -116,6 +116,7 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                   w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
                   b_down: torch.Tensor | None = None, *, activation: str = "silu",
                   gated: bool = True, gain: torch.Tensor | None = None,
+                  shared_out: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """The whole expert computation of an MoE layer: ``hidden [T, H] -> [T, H]``.
 
@@ -125,26 +126,32 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ``N_up = 2I`` (gate rows first); plain experts (``gated=False``; ``"relu"``, ``"gelu"``,
     ``"relu2"``...) use ``up_proj`` with ``N_up = I``. ``w_down [E, H, I]``. Optional biases
     ``b_up [E, N_up]``, ``b_down [E, H]``, and a per-expert output ``gain [E]`` (0 skips the
-    expert's compute). Intermediates stay fp32; each token's weighted sum is accumulated in
-    fp32 in slot order (deterministic). Semantics: :func:`moeops.reference.fused_experts`.
-    Differentiable with respect to hidden, weights, w_up, w_down and the biases.
+    expert's compute). A shared expert's output ``shared_out [T, H]`` times ``shared_gate``
+    (``[T]``/``[T, 1]``; Qwen2-MoE's sigmoid gate) is added inside the same combine.
+    Intermediates stay fp32; each token's weighted sum is accumulated in fp32 in slot order
+    (deterministic). Semantics: :func:`moeops.reference.fused_experts`. Differentiable with
+    respect to hidden, weights, w_up, w_down, the biases, shared_out and shared_gate.
     """
     fn = resolve("fused_experts", backend, hidden)
-    return fn(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain)
+    return fn(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain,
+              shared_out, shared_gate)
 
 
 def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        w_gate: list[torch.Tensor], w_up: list[torch.Tensor],
                        w_down: list[torch.Tensor], *, activation: str = "silu",
+                       shared_out: torch.Tensor | None = None,
+                       shared_gate: torch.Tensor | None = None,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`fused_experts` for gated experts kept as per-expert tensors (transformers 4.x
     ModuleLists): ``w_gate[e]``, ``w_up[e]`` ``[I, H]``, ``w_down[e]`` ``[H, I]``, each
     contiguous. The kernel reads every expert's weights where they are: nothing is stacked or
     copied. Differentiable with respect to hidden, weights and every weight tensor (the backward
-    stacks the weights temporarily).
+    stacks the weights temporarily). ``shared_out``/``shared_gate`` as in :func:`fused_experts`.
     """
     fn = resolve("fused_experts_list", backend, hidden)
-    return fn(hidden, ids, weights, list(w_gate), list(w_up), list(w_down), activation)
+    return fn(hidden, ids, weights, list(w_gate), list(w_up), list(w_down), activation,
+              shared_out, shared_gate)
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -200,16 +207,20 @@ def _grouped_gemm_fake(x, w, offsets, w_transposed=False):
 
 @torch.library.register_fake("moeops::fused_experts")
 def _fused_experts_fake(hidden, ids, weights, w_up, w_down, b_up=None, b_down=None,
-                        activation="silu", gated=True, gain=None):
+                        activation="silu", gated=True, gain=None, shared_out=None,
+                        shared_gate=None):
     _check_devices("hidden", hidden, ids=ids, weights=weights, w_up=w_up, w_down=w_down,
-                   b_up=b_up, b_down=b_down, gain=gain)
+                   b_up=b_up, b_down=b_down, gain=gain, shared_out=shared_out,
+                   shared_gate=shared_gate)
     torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
     return hidden.new_empty(hidden.shape)
 
 
 @torch.library.register_fake("moeops::fused_experts_list")
-def _fused_experts_list_fake(hidden, ids, weights, w_gate, w_up, w_down, activation="silu"):
-    _check_devices("hidden", hidden, ids=ids, weights=weights, **{
+def _fused_experts_list_fake(hidden, ids, weights, w_gate, w_up, w_down, activation="silu",
+                             shared_out=None, shared_gate=None):
+    _check_devices("hidden", hidden, ids=ids, weights=weights, shared_out=shared_out,
+                   shared_gate=shared_gate, **{
         f"w_{n}[{e}]": t for n, ts in (("gate", w_gate), ("up", w_up), ("down", w_down))
         for e, t in enumerate(ts)})
     torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
@@ -391,9 +402,10 @@ def _activation_and_grad(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torc
 def _fused_experts_backward(grad: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
                             weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                             b_up: torch.Tensor | None, b_down: torch.Tensor | None,
-                            activation: str, gated: bool, gain: torch.Tensor | None
+                            activation: str, gated: bool, gain: torch.Tensor | None,
+                            shared_out: torch.Tensor | None, shared_gate: torch.Tensor | None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor, torch.Tensor]:
+                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     f32 = dict(dtype=torch.float32, device=hidden.device)
     g_h = torch.zeros(hidden.shape, **f32)
     g_w = torch.zeros(weights.shape, **f32)
@@ -429,55 +441,72 @@ def _fused_experts_backward(grad: torch.Tensor, hidden: torch.Tensor, ids: torch
         if b_up is not None:
             g_bu[e] = gu.sum(0)
         g_h.index_add_(0, t_idx, gu @ wu)
+    g_so, g_sg = hidden.new_empty(0), hidden.new_empty(0)
+    if shared_out is not None:
+        sg = shared_gate.float().reshape(-1, 1) if shared_gate is not None else 1.0
+        g_so = (go_all * sg).to(shared_out.dtype)
+        if shared_gate is not None:
+            g_sg = (go_all * shared_out.float()).sum(-1).reshape(shared_gate.shape).to(
+                shared_gate.dtype)
     return (g_h.to(hidden.dtype), g_w, g_up.to(w_up.dtype), g_down.to(w_down.dtype),
             g_bu.to(b_up.dtype) if b_up is not None else g_bu,
-            g_bd.to(b_down.dtype) if b_down is not None else g_bd)
+            g_bd.to(b_down.dtype) if b_down is not None else g_bd, g_so, g_sg)
 
 
 @_fused_experts_backward.register_fake
-def _(grad, hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain):
-    empty = hidden.new_empty(0)
+def _(grad, hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain, shared_out,
+      shared_gate):
+    def like(t):
+        return torch.empty_like(t) if t is not None else hidden.new_empty(0)
     return (torch.empty_like(hidden), torch.empty_like(weights), torch.empty_like(w_up),
-            torch.empty_like(w_down), torch.empty_like(b_up) if b_up is not None else empty,
-            torch.empty_like(b_down) if b_down is not None else empty.clone())
+            torch.empty_like(w_down), like(b_up), like(b_down),
+            like(shared_out), like(shared_gate if shared_out is not None else None))
 
 
 def _fe_setup(ctx, inputs, output):
-    hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain = inputs
+    (hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain, shared_out,
+     shared_gate) = inputs
     ctx.activation, ctx.gated = activation, gated
-    ctx.has_bias = (b_up is not None, b_down is not None)
-    ctx.save_for_backward(hidden, ids, weights, w_up, w_down, b_up, b_down, gain)
+    ctx.has = (b_up is not None, b_down is not None, shared_out is not None,
+               shared_out is not None and shared_gate is not None)
+    ctx.save_for_backward(hidden, ids, weights, w_up, w_down, b_up, b_down, gain, shared_out,
+                          shared_gate)
 
 
 def _fe_backward(ctx, grad):
-    hidden, ids, weights, w_up, w_down, b_up, b_down, gain = ctx.saved_tensors
-    gh, gw, gup, gdown, gbu, gbd = _fused_experts_backward(
-        grad, hidden, ids, weights, w_up, w_down, b_up, b_down, ctx.activation, ctx.gated, gain)
-    return (gh, None, gw, gup, gdown, gbu if ctx.has_bias[0] else None,
-            gbd if ctx.has_bias[1] else None, None, None, None)
+    hidden, ids, weights, w_up, w_down, b_up, b_down, gain, shared_out, shared_gate = \
+        ctx.saved_tensors
+    gh, gw, gup, gdown, gbu, gbd, gso, gsg = _fused_experts_backward(
+        grad, hidden, ids, weights, w_up, w_down, b_up, b_down, ctx.activation, ctx.gated, gain,
+        shared_out, shared_gate)
+    hb_up, hb_down, h_so, h_sg = ctx.has
+    return (gh, None, gw, gup, gdown, gbu if hb_up else None, gbd if hb_down else None, None,
+            None, None, gso if h_so else None, gsg if h_sg else None)
 
 
 torch.library.register_autograd("moeops::fused_experts", _fe_backward, setup_context=_fe_setup)
 
 
 def _fel_setup(ctx, inputs, output):
-    hidden, ids, weights, w_gate, w_up, w_down, activation = inputs
+    hidden, ids, weights, w_gate, w_up, w_down, activation, shared_out, shared_gate = inputs
     ctx.activation = activation
     ctx.E = len(w_down)
-    ctx.save_for_backward(hidden, ids, weights, *w_gate, *w_up, *w_down)
+    ctx.has = (shared_out is not None, shared_out is not None and shared_gate is not None)
+    ctx.save_for_backward(hidden, ids, weights, shared_out, shared_gate, *w_gate, *w_up, *w_down)
 
 
 def _fel_backward(ctx, grad):
-    hidden, ids, weights, *ws = ctx.saved_tensors
+    hidden, ids, weights, shared_out, shared_gate, *ws = ctx.saved_tensors
     E = ctx.E
     w_gate, w_up, w_down = ws[:E], ws[E:2 * E], ws[2 * E:]
     gate_up = torch.cat([torch.stack(w_gate), torch.stack(w_up)], dim=1)  # temporary, backward only
-    gh, gw, gup, gdown, _, _ = _fused_experts_backward(
+    gh, gw, gup, gdown, _, _, gso, gsg = _fused_experts_backward(
         grad, hidden, ids, weights, gate_up, torch.stack(w_down), None, None, ctx.activation, True,
-        None)
+        None, shared_out, shared_gate)
     i = gup.shape[1] // 2
     return (gh, None, gw, list(gup[:, :i].unbind(0)), list(gup[:, i:].unbind(0)),
-            list(gdown.unbind(0)), None)
+            list(gdown.unbind(0)), None, gso if ctx.has[0] else None,
+            gsg if ctx.has[1] else None)
 
 
 torch.library.register_autograd("moeops::fused_experts_list", _fel_backward,

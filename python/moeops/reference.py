@@ -234,7 +234,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
                   b_down: torch.Tensor | None = None, activation: str = "silu",
-                  gated: bool = True, gain: torch.Tensor | None = None) -> torch.Tensor:
+                  gated: bool = True, gain: torch.Tensor | None = None,
+                  shared_out: torch.Tensor | None = None,
+                  shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """The expert computation of an MoE layer: ``[T, H] -> [T, H]`` in ``hidden.dtype``.
 
     For each non-empty slot (token ``t``, expert ``e = ids[t, k]``):
@@ -245,6 +247,9 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
       ``h = act(u[:I]) * u[I:]``; not gated: ``N_up = I``, ``h = act(u)``;
     * ``y = h @ w_down[e].T (+ b_down[e])`` with ``w_down [E, H, I]``;
     * ``out[t] += weights[t, k] * gain[e] * y`` in fp32, slots in order ``k = 0..K-1``.
+
+    * a shared expert's output ``shared_out [T, H]`` (e.g. Qwen2-MoE's), times ``shared_gate``
+      (``[T]`` or ``[T, 1]``, 1 if absent), is added last, in the same fp32 sum.
 
     Everything is computed in fp32 (intermediates are not rounded); the output is rounded once.
     Empty slots (-1) and experts with ``gain == 0`` contribute nothing.
@@ -275,14 +280,20 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     for k in range(K):  # fixed slot order
         out = out + ys[:, k]
+    if shared_out is not None:
+        sg = shared_gate.float().reshape(T, 1) if shared_gate is not None else 1.0
+        out = out + sg * shared_out.float()
     return out.to(hidden.dtype)
 
 
 def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        w_gate: list[torch.Tensor], w_up: list[torch.Tensor],
-                       w_down: list[torch.Tensor], activation: str = "silu") -> torch.Tensor:
+                       w_down: list[torch.Tensor], activation: str = "silu",
+                       shared_out: torch.Tensor | None = None,
+                       shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fused_experts` (gated) with per-expert weight lists, transformers 4.x style:
     ``w_gate[e]``, ``w_up[e]`` ``[I, H]`` and ``w_down[e]`` ``[H, I]``."""
     gate_up = torch.cat([torch.stack(list(w_gate)), torch.stack(list(w_up))], dim=1)
     return fused_experts(hidden, ids, weights, gate_up, torch.stack(list(w_down)),
-                         activation=activation, gated=True)
+                         activation=activation, gated=True, shared_out=shared_out,
+                         shared_gate=shared_gate)

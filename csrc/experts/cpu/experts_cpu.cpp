@@ -6,9 +6,11 @@
 // in cache across all of that expert's rows (gemm_blocks.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/cpu_combine.h"
@@ -117,14 +119,29 @@ struct ExpertPtrs {
 
 Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
                           const ExpertPtrs& wp_, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
-                          bool gated);
+                          bool gated, const Tensor& shared, const Tensor& shared_gate);
+
+// The shared-expert term joins the combine as one more slot: rows [T, H] widened to fp32 and
+// gates [T] in fp32 (1 when no gate is given); undefined tensors when there is no shared expert.
+std::pair<Tensor, Tensor> prepare_shared(const std::optional<Tensor>& shared, const std::optional<Tensor>& gate,
+                                         const Tensor& hidden) {
+  if (!shared.has_value()) {
+    TORCH_CHECK_VALUE(!gate.has_value(), "moeops: shared_gate given without shared_out");
+    return {Tensor(), Tensor()};
+  }
+  check_shared_args(*shared, gate, hidden);
+  Tensor g = gate.has_value() ? to_f32_contig(gate->reshape({-1}))
+                              : at::ones({hidden.size(0)}, hidden.options().dtype(at::kFloat));
+  return {to_f32_contig(*shared), g};
+}
 
 }  // namespace
 
 Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
                          const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
                          const std::optional<Tensor>& b_down_in, std::string_view activation, bool gated,
-                         const std::optional<Tensor>& gain_in) {
+                         const std::optional<Tensor>& gain_in, const std::optional<Tensor>& shared_out,
+                         const std::optional<Tensor>& shared_gate) {
   TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_cpu got hidden on ", hidden_in.device());
   const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
                                                  b_down_in, activation, gated, gain_in);
@@ -137,14 +154,17 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
     p.up.push_back(base + d.I * d.H * eu);
     p.down.push_back(static_cast<const char*>(w_down.data_ptr()) + e * d.H * d.I * ed);
   }
+  const auto shared = prepare_shared(shared_out, shared_gate, hidden_in);
   return fused_experts_core(hidden_in, ids_in.contiguous(), weights_in.contiguous(), d, p,
                             b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor(),
                             b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor(),
-                            gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated);
+                            gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated,
+                            shared.first, shared.second);
 }
 
 Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
-                              at::TensorList w_up, at::TensorList w_down, std::string_view activation) {
+                              at::TensorList w_up, at::TensorList w_down, std::string_view activation,
+                              const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate) {
   TORCH_CHECK_VALUE(hidden.device().is_cpu(), "moeops: fused_experts_list_cpu got hidden on ", hidden.device());
   const int64_t E = static_cast<int64_t>(w_down.size());
   TORCH_CHECK_VALUE(E >= 1 && static_cast<int64_t>(w_gate.size()) == E && static_cast<int64_t>(w_up.size()) == E,
@@ -157,14 +177,16 @@ Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Ten
     p.up.push_back(w_up[e].data_ptr());
     p.down.push_back(w_down[e].data_ptr());
   }
-  return fused_experts_core(hidden, ids.contiguous(), weights.contiguous(), d, p, Tensor(), Tensor(), Tensor(), true);
+  const auto shared = prepare_shared(shared_out, shared_gate, hidden);
+  return fused_experts_core(hidden, ids.contiguous(), weights.contiguous(), d, p, Tensor(), Tensor(), Tensor(), true,
+                            shared.first, shared.second);
 }
 
 namespace {
 
 Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
                           const ExpertPtrs& wptr, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
-                          bool gated) {
+                          bool gated, const Tensor& shared, const Tensor& shared_gate) {
   const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
   const float* gp = gain.defined() ? gain.data_ptr<float>() : nullptr;
 
@@ -196,7 +218,7 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
 
   // 2. gather the rows, widened to fp32: X [R, H]
   auto f32 = hidden_in.options().dtype(at::kFloat);
-  Tensor X = at::empty({R, H}, f32), U = at::empty({R, NU}, f32), Y = at::empty({R, H}, f32);
+  Tensor X = at::empty({R, H}, f32), U = at::empty({R, NU}, f32), Y = at::empty({R + (shared.defined() ? T : 0), H}, f32);
   for (Tensor* t : {&X, &U, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
   float *Xp = X.data_ptr<float>(), *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
   const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
@@ -262,21 +284,32 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
     });
   });
 
-  // 5. deterministic weighted combine: slots in order, fp32, one rounding
+  // 5. deterministic weighted combine: slots in order, then the shared expert (rows R + t of Y
+  //    with weight shared_gate[t]), fp32, one rounding
+  const bool has_shared = shared.defined();
+  if (has_shared) std::memcpy(Yp + R * H, shared.data_ptr<float>(), sizeof(float) * T * H);
+  const float* sg = has_shared ? shared_gate.data_ptr<float>() : nullptr;
+  const int64_t KS = K + (has_shared ? 1 : 0);
   const float* wp = rw.data_ptr<float>();
   const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
   cpu::dispatch_float(to_dtype(out, "hidden"), [&](auto tag) {
     using TO = decltype(tag);
     TO* op = static_cast<TO*>(out.data_ptr());
-    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * K, 1)), [&](int64_t b, int64_t end) {
-      std::vector<float> acc(H), ws(K);
+    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * KS, 1)), [&](int64_t b, int64_t end) {
+      std::vector<float> acc(H), ws(KS);
+      std::vector<int32_t> inv(KS);
       for (int64_t t = b; t < end; ++t) {
         for (int64_t k = 0; k < K; ++k) {
           const int32_t e = idp[t * K + k];
           ws[k] = e >= 0 ? wp[t * K + k] * (gp ? gp[e] : 1.f) : 0.f;
+          inv[k] = inverse[t * K + k];
         }
-        cpu::combine_token(avx2, static_cast<const float*>(Yp), H, ws.data(), inverse.data() + t * K,
-                           static_cast<int>(K), acc.data(), op + t * H);
+        if (has_shared) {
+          ws[K] = sg[t];
+          inv[K] = static_cast<int32_t>(R + t);
+        }
+        cpu::combine_token(avx2, static_cast<const float*>(Yp), H, ws.data(), inv.data(), static_cast<int>(KS),
+                           acc.data(), op + t * H);
       }
     });
   });

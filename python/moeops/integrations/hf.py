@@ -109,6 +109,26 @@ def _deepseek_v3_router_forward(self, hidden_states):
     return router_logits, w, ids.long()
 
 
+def _qwen2_moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen2-MoE sparse block (transformers 5.x) with its sigmoid-gated shared expert fused into
+    moeops' combine: one fp32 sum of the routed experts and the shared expert, one rounding."""
+    batch, seq, hidden_dim = hidden_states.shape
+    x = hidden_states.view(-1, hidden_dim)
+    shared = self.shared_expert(x)
+    gate = torch.sigmoid(self.shared_expert_gate(x))
+    _, weights, ids = self.gate(x)
+    experts = self.experts
+    E = experts.down_proj.shape[0]
+    ids = ids.to(torch.int32)
+    ids = torch.where((ids >= 0) & (ids < E), ids, -1)
+    out = fused_experts(x, ids, weights.float(), experts.gate_up_proj, experts.down_proj,
+                        activation=_activation_of(experts), shared_out=shared, shared_gate=gate)
+    return out.reshape(batch, seq, hidden_dim)
+
+
+_BLOCK_FORWARDS = {"qwen2_moe": ("Qwen2MoeSparseMoeBlock", _qwen2_moe_block_forward)}
+
+
 def _router_forward_for(model_type: str):
     return _deepseek_v3_router_forward if model_type == "deepseek_v3" else _softmax_router_forward
 
@@ -151,12 +171,14 @@ def _v4_block_forward(self, hidden_states: torch.Tensor):
                                renormalize=getattr(self, "norm_topk_prob", True))
     w = w.to(x.dtype).float()  # HF casts the routing weights to the hidden dtype
     g, u, d = _V4_WEIGHT_NAMES[type(self).__name__]
+    shared = gate = None
+    if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert, fused in the combine
+        shared, gate = self.shared_expert(x), torch.sigmoid(self.shared_expert_gate(x))
     out = fused_experts_list(x, ids, w, [getattr(e, g).weight for e in self.experts],
                              [getattr(e, u).weight for e in self.experts],
                              [getattr(e, d).weight for e in self.experts],
-                             activation=_v4_activation(self.experts[0]))
-    if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
-        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+                             activation=_v4_activation(self.experts[0]), shared_out=shared,
+                             shared_gate=gate)
     return out.reshape(batch, seq, hidden_dim), router_logits
 
 
@@ -231,6 +253,9 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
             if not _is_patched_forward(module):
                 module.forward = _PatchedForward(module, forward)
             found += 1
+        elif model_type in _BLOCK_FORWARDS and type(module).__name__ == _BLOCK_FORWARDS[model_type][0]:
+            if not _is_patched_forward(module):
+                module.forward = _PatchedForward(module, _BLOCK_FORWARDS[model_type][1])
         elif isinstance(module, experts_cls):
             cfg = module.config
             if getattr(cfg, "_experts_implementation", None) != IMPLEMENTATION:
@@ -282,12 +307,20 @@ def patch_model_type(model_type: str) -> None:
     _class_patches[model_type] = (router_cls, router_cls.forward, experts_cls, experts_cls.forward)
     router_cls.forward = _router_forward_for(model_type)
     experts_cls.forward = experts_forward
+    if model_type in _BLOCK_FORWARDS:
+        block_cls = getattr(importlib.import_module(SUPPORTED[model_type][0]),
+                            _BLOCK_FORWARDS[model_type][0])
+        _class_patches[model_type + ":block"] = (block_cls, block_cls.forward, None, None)
+        block_cls.forward = _BLOCK_FORWARDS[model_type][1]
 
 
 def unpatch_model_type(model_type: str) -> None:
     """Restore the classes patched by :func:`patch_model_type`."""
     if model_type not in _class_patches:
         return
+    if model_type + ":block" in _class_patches:
+        block_cls, block_fwd, _, _ = _class_patches.pop(model_type + ":block")
+        block_cls.forward = block_fwd
     router_cls, router_fwd, experts_cls, experts_fwd = _class_patches.pop(model_type)
     router_cls.forward = router_fwd
     if experts_cls is not None:
