@@ -38,6 +38,22 @@ inline void check_grouped_gemm_args(const Tensor& x, const Tensor& w, const Tens
                     " entries, got ", offsets.size(0));
 }
 
+// hidden [T, H] float, ids [T, K] int32, weights [T, K] float32, on one device.
+inline void check_routed_tokens(const Tensor& hidden, const Tensor& ids, const Tensor& weights) {
+  check_dim(hidden, 2, "hidden", "[T, H]");
+  to_dtype(hidden, "hidden");
+  check_dim(ids, 2, "ids", "[T, K]");
+  check_dtype(ids, at::kInt, "ids");
+  check_dim(weights, 2, "weights", "[T, K]");
+  check_dtype(weights, at::kFloat, "weights");
+  check_same_device(ids, hidden, "ids", "hidden");
+  check_same_device(weights, hidden, "weights", "hidden");
+  TORCH_CHECK_VALUE(ids.size(0) == hidden.size(0), "moeops: ids must have T=", hidden.size(0),
+                    " rows (hidden is ", hidden.sizes(), "), got ", ids.sizes());
+  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes(), "moeops: weights must have the shape of ids ", ids.sizes(),
+                    ", got ", weights.sizes());
+}
+
 struct ExpertsDims {
   int64_t T, H, K, E, I, n_up;
   Act act;
@@ -48,18 +64,13 @@ inline ExpertsDims check_fused_experts_args(const Tensor& hidden, const Tensor& 
                                             const std::optional<Tensor>& b_up,
                                             const std::optional<Tensor>& b_down, std::string_view activation,
                                             bool gated, const std::optional<Tensor>& gain) {
-  check_dim(hidden, 2, "hidden", "[T, H]");
-  to_dtype(hidden, "hidden");
-  check_dim(ids, 2, "ids", "[T, K]");
-  check_dtype(ids, at::kInt, "ids");
-  check_dim(weights, 2, "weights", "[T, K]");
-  check_dtype(weights, at::kFloat, "weights");
+  check_routed_tokens(hidden, ids, weights);
   check_dim(w_up, 3, "w_up", "[E, N_up, H]");
   to_dtype(w_up, "w_up");
   check_dim(w_down, 3, "w_down", "[E, H, I]");
   to_dtype(w_down, "w_down");
-  for (auto [t, name] : {std::pair{&ids, "ids"}, {&weights, "weights"}, {&w_up, "w_up"}, {&w_down, "w_down"}})
-    check_same_device(*t, hidden, name, "hidden");
+  check_same_device(w_up, hidden, "w_up", "hidden");
+  check_same_device(w_down, hidden, "w_down", "hidden");
   ExpertsDims d{};
   d.T = hidden.size(0);
   d.H = hidden.size(1);
@@ -68,10 +79,6 @@ inline ExpertsDims check_fused_experts_args(const Tensor& hidden, const Tensor& 
   d.I = w_down.size(2);
   d.n_up = w_up.size(1);
   d.act = parse_activation(activation);
-  TORCH_CHECK_VALUE(ids.size(0) == d.T, "moeops: ids must have T=", d.T, " rows (hidden is ", hidden.sizes(),
-                    "), got ", ids.sizes());
-  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes(), "moeops: weights must have the shape of ids ", ids.sizes(),
-                    ", got ", weights.sizes());
   TORCH_CHECK_VALUE(w_up.size(2) == d.H, "moeops: w_up must be [E, N_up, H] with H=", d.H, ", got ", w_up.sizes());
   TORCH_CHECK_VALUE(w_down.size(0) == d.E && w_down.size(1) == d.H, "moeops: w_down must be [E, H, I] = [", d.E,
                     ", ", d.H, ", I], got ", w_down.sizes());
@@ -120,17 +127,7 @@ inline void check_shared_args(const Tensor& shared, const std::optional<Tensor>&
 inline ExpertsDims check_experts_list_args(const Tensor& hidden, const Tensor& ids, const Tensor& weights,
                                            at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
                                            std::string_view activation) {
-  check_dim(hidden, 2, "hidden", "[T, H]");
-  to_dtype(hidden, "hidden");
-  check_dim(ids, 2, "ids", "[T, K]");
-  check_dtype(ids, at::kInt, "ids");
-  check_dim(weights, 2, "weights", "[T, K]");
-  check_dtype(weights, at::kFloat, "weights");
-  check_same_device(ids, hidden, "ids", "hidden");
-  check_same_device(weights, hidden, "weights", "hidden");
-  TORCH_CHECK_VALUE(ids.size(0) == hidden.size(0) && weights.sizes() == ids.sizes(),
-                    "moeops: ids and weights must be [T, K] with T=", hidden.size(0), ", got ", ids.sizes(), " and ",
-                    weights.sizes());
+  check_routed_tokens(hidden, ids, weights);
   ExpertsDims d{};
   d.T = hidden.size(0);
   d.H = hidden.size(1);
