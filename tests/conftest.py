@@ -33,3 +33,26 @@ def cpu_isa(request):
     moeops._C.set_cpu_isa(request.param)
     yield request.param
     moeops._C.set_cpu_isa(before)
+
+
+# ----------------------------------------------------------------------------- hypothesis
+# Profiles for the property tests (tests/test_properties.py, docs/reliability.md). "ci" is the
+# default: derandomized (same examples every run, so a failure replays without an example
+# database) and sized for CI. "deep" is for releases: random seeds, many more examples, and a
+# local example database (tests/.hypothesis/, not committed) so failures found there replay:
+#   python -m pytest tests/test_properties.py --hypothesis-profile=deep
+# Edge cases worth pinning are @example(...) decorators in the tests (run on every profile).
+import os as _os  # noqa: E402
+
+from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
+from hypothesis import settings as _hsettings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase as _HDirDB  # noqa: E402
+
+_HEALTH = [_HealthCheck.too_slow, _HealthCheck.data_too_large, _HealthCheck.filter_too_much]
+_hsettings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                            database=None, print_blob=True, suppress_health_check=_HEALTH)
+_hsettings.register_profile(
+    "deep", max_examples=10000, deadline=None, print_blob=True, suppress_health_check=_HEALTH,
+    database=_HDirDB(_os.path.join(_os.path.dirname(__file__), ".hypothesis")))
+# --hypothesis-profile=NAME (hypothesis' pytest plugin) overrides this default afterwards.
+_hsettings.load_profile(_os.environ.get("MOEOPS_HYPOTHESIS_PROFILE", "ci"))

@@ -22,6 +22,17 @@ MASK_MODES = ("reroute", "drop", "drop_renorm")
 RENORM_EPS = 1e-20  # added to the denominator when renormalising (DeepSeek-V3 uses the same)
 
 
+def _same_for_equal(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` elementwise such that equal inputs give bit-equal outputs. torch's CPU kernels
+    compute the vectorised body and the scalar tail of a row differently, so equal logits can
+    get scores 1 ulp apart depending on their position (seen: sigmoid of 33 equal values)."""
+    y = fn(x)
+    with torch.no_grad():
+        u, inv = torch.unique(x.detach(), return_inverse=True)
+        canonical = fn(u)[inv]
+    return y + (canonical - y).detach()  # canonical values, fn's gradient
+
+
 def _stable_desc_order(key: torch.Tensor) -> torch.Tensor:
     """Indices sorting ``key`` descending along the last dim; equal keys keep index order."""
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
@@ -69,13 +80,19 @@ def topk_gating(
        ``weights /= sum(weights) + 1e-20``; then ``weights *= routed_scaling_factor``.
     8. Mask modes ``drop`` and ``drop_renorm`` leave selection unchanged and afterwards empty
        the slots of masked (non-forced) experts; ``drop`` keeps the other weights as they are,
-       ``drop_renorm`` rescales the survivors so their sum equals the sum before dropping.
+       ``drop_renorm`` rescales the survivors so their sum equals the sum before dropping
+       (``w / after * before``).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
     T, E = logits.shape
     x = logits.float()
-    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    if scoring == "softmax":
+        # exp through _same_for_equal: equal logits must get bit-equal scores (ties by index)
+        e = _same_for_equal(torch.exp, x - x.max(dim=-1, keepdim=True).values)
+        scores = e / e.sum(dim=-1, keepdim=True)
+    else:
+        scores = _same_for_equal(torch.sigmoid, x)
     sel = scores + bias.float() if bias is not None else scores
     avail = ~torch.isnan(sel)
     neg_inf = torch.tensor(float("-inf"), device=x.device)
@@ -116,7 +133,8 @@ def topk_gating(
         ids = torch.where(hit, -1, ids)
         if mask_mode == "drop_renorm":
             after = w.sum(-1, keepdim=True)
-            w = torch.where(after > 0, w * (before / after), w)
+            # w / after <= 1 first: before / after overflows for denormal survivors
+            w = torch.where(after > 0, w / after * before, w)
 
     ids = ids.to(torch.int32)
     probs = scores if return_probs else scores.new_empty(0)

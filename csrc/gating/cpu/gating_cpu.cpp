@@ -147,8 +147,8 @@ void gate_token(const GatingParams& p, int64_t t, RowScratch& w) {
       after += wout[j];
     }
     if (p.mask_mode == MaskMode::DropRenorm && after > 0.f) {
-      const float r = before / after;
-      for (int j = 0; j < K; ++j) wout[j] = wout[j] * r;
+      // w / after <= 1 first: before / after overflows when the survivors are denormal
+      for (int j = 0; j < K; ++j) wout[j] = wout[j] / after * before;
     }
   }
 }

@@ -292,8 +292,8 @@ __global__ void __launch_bounds__(kThreads)
       before = warp_sum(before);
       after = warp_sum(after);
       if (p.mask_mode == MaskMode::DropRenorm && after > 0.0f) {
-        const float r = before / after;
-        for (int s = lane; s < k; s += kWarpSize) s_w[s] = s_w[s] * r;
+        // w / after <= 1 first: before / after overflows when the survivors are denormal
+        for (int s = lane; s < k; s += kWarpSize) s_w[s] = s_w[s] / after * before;
       }
     }
 

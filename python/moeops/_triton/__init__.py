@@ -1,0 +1,10 @@
+"""Triton kernels of moeops (``backend="triton"``): ``grouped_gemm`` and ``fused_experts``.
+
+Importing this package imports triton. The kernels need a CUDA device, or the Triton
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported) to run on CPU tensors for
+testing. Same positional signatures as :mod:`moeops.reference`.
+"""
+
+from moeops._triton.grouped_gemm import fused_experts, grouped_gemm
+
+__all__ = ["grouped_gemm", "fused_experts"]
