@@ -1,7 +1,7 @@
 """Typed Python wrappers of the ``torch.ops.moeops`` ops, their fake (meta) kernels and autograd.
 
-Each op has three parts here: a wrapper that picks a backend (``"auto"``, ``"cpp"`` or
-``"reference"``), a ``register_fake`` kernel (shapes only, for ``torch.compile`` and
+Each op has three parts here: a wrapper that picks a backend (``"auto"``, ``"cpp"``,
+``"reference"``, or ``"triton"`` for grouped_gemm / fused_experts; see :mod:`moeops.backends`), a ``register_fake`` kernel (shapes only, for ``torch.compile`` and
 meta tensors) and, where differentiable, a ``register_autograd`` formula. Schemas are defined
 once, in ``csrc/torch_bindings.cpp``; semantics in :mod:`moeops.reference`.
 """
