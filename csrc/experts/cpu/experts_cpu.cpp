@@ -88,6 +88,7 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
   cpu::advise_huge_pages(out32.data_ptr(), out32.nbytes());
   float* C = out32.data_ptr<float>();
   const float* A = x.data_ptr<float>();
+  std::fill(C, C + static_cast<int64_t>(off[0]) * N, 0.f);  // rows no expert owns are zero
   if (off[E] < R) std::fill(C + off[E] * N, C + R * N, 0.f);
   const auto items = make_items(off, E, N, column_block(off[E], N, w_transposed ? 16 : 4));
   cpu::dispatch_float(to_dtype(w, "w"), [&](auto tag) {
