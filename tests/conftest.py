@@ -24,6 +24,16 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Module-wide torch.set_num_threads(1) for files of tiny models, where intra-op threading
+    only adds overhead and noise. Use with pytestmark = pytest.mark.usefixtures(...)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["avx2", "portable"])
 def cpu_isa(request):
     """Runs a test once per CPU code path (the AVX2 one only where the CPU has it)."""

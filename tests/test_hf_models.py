@@ -58,13 +58,7 @@ LOGITS_ATOL = 1e-5  # fp32, patched vs unpatched
 GRAD_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The models are tiny: intra-op threading only adds overhead (and noise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only add noise
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

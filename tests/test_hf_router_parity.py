@@ -53,13 +53,7 @@ HIDDEN = 64
 BF16_ULP_RTOL = 2.0 ** -7  # one bf16 ulp, relative to the value (worst case)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The tensors here are tiny: intra-op threading only adds overhead (3x the runtime)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only add noise
 
 
 # ---------------------------------------------------------------------------------------------

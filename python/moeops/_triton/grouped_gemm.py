@@ -267,15 +267,9 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return _fused_experts(*args)
 
 
-def _fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                  w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
-                  b_down: torch.Tensor | None = None, activation: str = "silu",
-                  gated: bool = True, gain: torch.Tensor | None = None,
-                  shared_out: torch.Tensor | None = None,
-                  shared_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton :func:`moeops.reference.fused_experts`: plan, gather, up GEMM (+ bias),
-    activation in torch (fp32), down GEMM (+ bias), weighted combine in slot order, shared
-    expert (forward only)."""
+def _fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain,
+                   shared_out, shared_gate) -> torch.Tensor:
+    """Forward of :func:`fused_experts` (arguments as there, all positional; no autograd)."""
     from moeops import ops, reference
 
     if hidden.dim() != 2:
