@@ -40,6 +40,12 @@ PlanOut route_plan_cuda(const Tensor& ids, int64_t num_experts);
 Tensor permute_cuda(const Tensor& hidden, const Tensor& sorted_slots, int64_t top_k,
                     const std::optional<Tensor>& slot_scale);
 Tensor combine_cuda(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse);
+Tensor grouped_gemm_cuda(const Tensor& x, const Tensor& w, const Tensor& offsets, bool w_transposed);
+Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
+                          const Tensor& w_down, const std::optional<Tensor>& b_up,
+                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+                          const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                          const std::optional<Tensor>& shared_gate);
 #endif
 
 }  // namespace moeops

@@ -52,6 +52,8 @@ TORCH_LIBRARY_IMPL(moeops, CUDA, m) {
   m.impl("route_plan", &moeops::route_plan_cuda);
   m.impl("permute", &moeops::permute_cuda);
   m.impl("combine", &moeops::combine_cuda);
+  m.impl("grouped_gemm", &moeops::grouped_gemm_cuda);
+  m.impl("fused_experts", &moeops::fused_experts_cuda);
 }
 #endif
 

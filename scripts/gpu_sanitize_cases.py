@@ -50,6 +50,35 @@ def main() -> int:
         out = moeops.combine(rows, w.to(dev), got.inverse, backend="cpp")
         ref = reference.combine(rows.cpu(), w, want[2])
         failures += not torch.allclose(out.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2)
+    # grouped_gemm / fused_experts: decode (T <= 16), tensor-core and SIMT paths, empty experts,
+    # odd sizes (tails of every tile), gated and plain experts, biases, gain 0, shared expert
+    for T, K, E, H, I, dt in [(1, 2, 8, 64, 32, torch.bfloat16), (5, 2, 4, 40, 24, torch.float32),
+                              (37, 4, 6, 72, 40, torch.float16), (130, 2, 8, 256, 96, torch.bfloat16),
+                              (70, 1, 3, 36, 20, torch.float32)]:
+        g = torch.Generator().manual_seed(T + H)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+        ids[0, 0] = -1
+        w = torch.rand(T, K, generator=g)
+        h = torch.randn(T, H, generator=g).to(dt)
+        for gated in (True, False):
+            wu = (torch.randn(E, (2 if gated else 1) * I, H, generator=g) * H ** -0.5).to(dt)
+            wd = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dt)
+            bu = torch.randn(E, wu.shape[1], generator=g) * 0.1
+            gain = torch.rand(E, generator=g)
+            gain[E - 1] = 0.0
+            so = torch.randn(T, H, generator=g).to(dt)
+            kw = dict(b_up=bu, gain=gain, gated=gated, activation="silu" if gated else "gelu", shared_out=so)
+            got = moeops.fused_experts(*(t.to(dev) for t in (h, ids, w, wu, wd)), backend="cpp",
+                                       **{n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()})
+            want = reference.fused_experts(h, ids, w, wu, wd, **kw)
+            failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+        plan = reference.route_plan(ids, E)
+        x = reference.permute(h, plan[1], K)
+        for wt in (False, True):
+            ww = (torch.randn(E, H, I, generator=g) if wt else torch.randn(E, I, H, generator=g)).to(dt) * 0.1
+            got = moeops.grouped_gemm(x.to(dev), ww.to(dev), plan[0].to(dev), w_transposed=wt, backend="cpp")
+            want = reference.grouped_gemm(x, ww, plan[0], w_transposed=wt)
+            failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.cuda.synchronize()
     print(f"sanitizer cases done, mismatches vs reference: {failures}")
     return 1 if failures else 0

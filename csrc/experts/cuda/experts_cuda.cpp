@@ -1,0 +1,157 @@
+// CUDA entry points of grouped_gemm and fused_experts: checks (experts_prepare.h), allocation,
+// then the launchers (experts_kernels.cu, and route_plan / permute / combine for the fused
+// layer). No host synchronisation anywhere: every data-dependent size stays on the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <optional>
+
+#include "common/checks.h"
+#include "experts/cuda/experts_launch.h"
+#include "experts/experts_prepare.h"
+#include "ops.h"
+
+namespace moeops {
+
+static_assert(static_cast<int>(Act::Silu) == 0 && static_cast<int>(Act::Gelu) == 1 &&
+                  static_cast<int>(Act::GeluTanh) == 2 && static_cast<int>(Act::Relu) == 3 &&
+                  static_cast<int>(Act::Relu2) == 4,
+              "experts_kernels.cu's activate() numbers the activations like Act");
+
+namespace {
+
+void check_cuda_tensor(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "moeops: ", name, " must be a CUDA tensor for the CUDA kernel, got one on ",
+                    t.device());
+}
+
+int device_major(const Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  return major;
+}
+
+// Runs one grouped GEMM: a [R, K] (row stride a.stride(0)) x w -> out [R, N_out].
+void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a, const Tensor& w, const Tensor& offsets,
+                      const Tensor& out, int64_t max_rows_per_expert) {
+  p.a = a.data_ptr();
+  p.a_dtype = to_dtype(a, "x");
+  p.lda = a.stride(0);
+  p.w = w.data_ptr();
+  p.w_dtype = to_dtype(w, "w");
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.E = static_cast<int>(w.size(0));
+  p.R = a.size(0);
+  p.out = out.data_ptr();
+  p.out_dtype = to_dtype(out, "out");
+  const size_t bytes = cuda::grouped_gemm_workspace_bytes(p.E);
+  Tensor ws = at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
+  cuda::launch_grouped_gemm(p, max_rows_per_expert, device_major(a), ws.data_ptr(), bytes,
+                            c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+Tensor grouped_gemm_cuda(const Tensor& x_in, const Tensor& w_in, const Tensor& offsets_in, bool w_transposed) {
+  check_grouped_gemm_args(x_in, w_in, offsets_in, w_transposed);
+  check_cuda_tensor(x_in, "x");
+  TORCH_CHECK_VALUE(w_in.size(0) < (int64_t{1} << 31) - 1, "moeops: grouped_gemm: too many experts ",
+                    w_in.size(0));
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const Tensor w = w_in.contiguous(), offsets = offsets_in.contiguous();
+  const int64_t R = x.size(0), K = x.size(1);
+  const int64_t N = w_transposed ? w.size(2) : w.size(1);
+  Tensor out = at::zeros({R, N}, x.options());  // rows no expert owns are zero (as on the CPU)
+  if (R == 0 || N == 0 || w.size(0) == 0) return out;
+  cuda::GroupedGemmParams p;
+  p.w_transposed = w_transposed;
+  p.K = K;
+  p.N_w = N;
+  p.N_out = N;
+  run_grouped_gemm(p, x, w, offsets, out, R);
+  return out;
+}
+
+Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in, const Tensor& w_up_in,
+                          const Tensor& w_down_in, const std::optional<Tensor>& b_up,
+                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+                          const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                          const std::optional<Tensor>& shared_gate) {
+  const ExpertsDims d = check_fused_experts_args(hidden, ids_in, weights_in, w_up_in, w_down_in, b_up, b_down,
+                                                 activation, gated, gain);
+  check_cuda_tensor(hidden, "hidden");
+  TORCH_CHECK_VALUE(!shared_gate.has_value() || shared_out.has_value(), "moeops: shared_gate given without shared_out");
+  if (shared_out.has_value()) check_shared_args(*shared_out, shared_gate, hidden);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I;
+  auto f32 = hidden.options().dtype(at::kFloat);
+
+  Tensor out32 = at::zeros({T, H}, f32);
+  if (T > 0 && H > 0 && K > 0) {
+    // 1. slots of gain-0 experts (and ids outside [0, E)) become empty; weights carry the gain
+    Tensor ids = ids_in.contiguous();
+    Tensor weights = weights_in.contiguous();
+    if (gain.has_value()) {
+      const Tensor g = gain->to(at::kFloat).contiguous();
+      const Tensor valid = ids.ge(0).logical_and(ids.lt(E));
+      const Tensor ge = g.index_select(0, ids.clamp(0, E - 1).reshape({-1}).to(at::kLong)).reshape(ids.sizes());
+      ids = at::where(valid.logical_and(ge.ne(0)), ids, at::full({}, -1, ids.options())).to(at::kInt).contiguous();
+      weights = (weights * ge).contiguous();
+    }
+    // 2. plan and gather (hidden dtype; empty slots sort last and are never computed)
+    auto [offsets, sorted_slots, inverse] = route_plan_cuda(ids, E);
+    const Tensor rows = permute_cuda(hidden, sorted_slots, K, std::nullopt);
+    const int64_t R = rows.size(0);
+    const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
+    const Tensor bu = b_up.has_value() ? b_up->to(at::kFloat).contiguous() : Tensor();
+    const Tensor bd = b_down.has_value() ? b_down->to(at::kFloat).contiguous() : Tensor();
+
+    // 3. up projection with the activation (and the gate * up product) in the epilogue
+    cuda::GroupedGemmParams up;
+    up.K = H;
+    up.N_w = d.n_up;
+    up.N_out = I;
+    up.epilogue = gated ? cuda::Epilogue::GatedAct : cuda::Epilogue::Act;
+    up.activation = static_cast<int>(d.act);
+    up.gated_half = gated ? I : 0;
+    up.bias = bu.defined() ? bu.data_ptr<float>() : nullptr;
+    // tensor cores take 16-bit operands: the activation is then stored in the hidden dtype (as
+    // Hugging Face's experts do); otherwise it stays fp32 (as on the CPU)
+    cuda::GroupedGemmParams probe = up;
+    probe.a = rows.data_ptr();
+    probe.a_dtype = to_dtype(rows, "hidden");
+    probe.lda = rows.stride(0);
+    probe.w = w_up.data_ptr();
+    probe.w_dtype = to_dtype(w_up, "w_up");
+    const bool tc = cuda::grouped_gemm_uses_tensor_cores(probe, device_major(hidden)) &&
+                    w_down.scalar_type() == hidden.scalar_type();
+    Tensor act = at::empty({R, I}, tc ? hidden.options() : f32);
+    run_grouped_gemm(up, rows, w_up, offsets, act, T);
+
+    // 4. down projection (+ bias) into fp32 per-slot rows
+    cuda::GroupedGemmParams down;
+    down.K = I;
+    down.N_w = H;
+    down.N_out = H;
+    down.bias = bd.defined() ? bd.data_ptr<float>() : nullptr;
+    Tensor y = at::empty({R, H}, f32);
+    run_grouped_gemm(down, act, w_down, offsets, y, T);
+
+    // 5. deterministic weighted combine in fp32, slot order
+    out32 = combine_cuda(y, weights, inverse);
+  }
+  if (shared_out.has_value()) {
+    const Tensor sg = shared_gate.has_value() ? shared_gate->to(at::kFloat).reshape({T, 1})
+                                              : at::ones({T, 1}, f32);
+    out32 = out32 + sg * shared_out->to(at::kFloat);
+  }
+  return out32.to(hidden.scalar_type());
+}
+
+}  // namespace moeops

@@ -1,0 +1,507 @@
+// Grouped GEMM over expert-grouped rows on CUDA (semantics: python/moeops/reference.py
+// grouped_gemm; the fused-experts epilogues are documented in experts_launch.h).
+//
+// Three kernels share one tile schedule and one epilogue:
+//   * tensor cores (sm_80+: mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate): CTA tile 64 rows
+//     x 128 weight rows x 32 K, 4 warps of 32 x 64, cp.async double buffering into padded shared
+//     memory (row stride 40 halves: the fragment loads are bank-conflict free). For GatedAct the
+//     CTA's 128 weight rows are 64 gate rows and the matching 64 up rows, laid out so that each
+//     thread holds a gate accumulator and its up partner in registers: the SwiGLU epilogue needs
+//     no shared memory and the intermediate [R, 2I] never exists.
+//   * decode (rows per expert <= 16): one warp per output column of one expert reads that weight
+//     row once (16-byte loads where aligned) for all of the expert's rows; no 64-row padding.
+//   * SIMT fallback (fp32, mixed dtypes, [E, K, N] weights, unaligned shapes): 64 x 64 tiles.
+// Tile schedule: tile_start[e] = sum over experts before e of ceil(rows / 64), computed by one
+// block (cub::BlockScan) on the device; GEMM CTAs walk tiles grid-stride and find their expert by
+// binary search, so nothing waits for the host and experts without rows launch no tile work.
+// All row and element offsets are 64-bit.
+//
+// Only CUDA/CUB headers and the launch header here (project rule: no torch in .cu files).
+#include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/launch_types.h"
+#include "experts/cuda/experts_launch.h"
+
+namespace moeops::cuda {
+namespace {
+
+constexpr int kTileRows = 64;  // rows per tile in both tiled kernels (the schedule's unit)
+constexpr int kDecodeRows = 8;  // rows per pass of the decode kernel
+constexpr int kDecodeColsPerBlock = 32;  // 8 warps x 4 columns
+constexpr int64_t kMaxGridY = 65535;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("moeops: ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float activate(int act, float x) {
+  switch (act) {
+    case 0: return x / (1.f + expf(-x));
+    case 1: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    case 2: return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case 3: return x > 0.f ? x : 0.f;
+    case 4: return x > 0.f ? x * x : 0.f;
+  }
+  return x;
+}
+
+// Rows [lo, hi) of expert e, offsets clamped to [0, R].
+__device__ __forceinline__ void expert_rows(const GroupedGemmParams& p, int e, int64_t& lo, int64_t& hi) {
+  lo = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.R);
+  hi = min(max(static_cast<int64_t>(p.offsets[e + 1]), lo), p.R);
+}
+
+// The value written for output column c (see Epilogue); g = acc of weight row c, u = acc of row
+// gated_half + c (GatedAct only).
+__device__ __noinline__ float epilogue_value(const GroupedGemmParams& p, int e, int64_t c, float g, float u) {
+  const float* b = p.bias ? p.bias + static_cast<int64_t>(e) * p.N_w : nullptr;
+  switch (p.epilogue) {
+    case Epilogue::Store: return g + (b ? b[c] : 0.f);
+    case Epilogue::Act: return activate(p.activation, g + (b ? b[c] : 0.f));
+    case Epilogue::GatedAct:
+      return activate(p.activation, g + (b ? b[c] : 0.f)) * (u + (b ? b[p.gated_half + c] : 0.f));
+  }
+  return g;
+}
+
+template <class TO>
+__device__ __forceinline__ void store_out(const GroupedGemmParams& p, int64_t row, int64_t c, float v) {
+  static_cast<TO*>(p.out)[row * p.N_out + c] = from_f<TO>(v);
+}
+
+// ---------------------------------------------------------------- tile schedule
+__global__ void __launch_bounds__(1024) tile_start_kernel(GroupedGemmParams p, int32_t* tile_start) {
+  using Scan = cub::BlockScan<int, 1024>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < p.E; base += 1024) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    int n = 0;
+    if (e < p.E) {
+      int64_t lo, hi;
+      expert_rows(p, e, lo, hi);
+      n = static_cast<int>((hi - lo + kTileRows - 1) / kTileRows);
+    }
+    int excl, total;
+    Scan(tmp).ExclusiveSum(n, excl, total);
+    if (e < p.E) tile_start[e] = carry + excl;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tile_start[p.E] = carry;
+}
+
+// Expert owning tile `tile`: the last e with tile_start[e] <= tile (experts with no tiles share
+// their start with the next one, so the last match is the owner).
+__device__ __forceinline__ int tile_expert(const int32_t* tile_start, int E, int tile) {
+  int lo = 0, hi = E + 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (tile_start[mid] <= tile) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo - 1;
+}
+
+// ---------------------------------------------------------------- tensor-core kernel
+constexpr int kTcBN = 128, kTcBK = 32, kTcLds = kTcBK + 8;  // smem row stride in halves
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// grid.x: column tiles (128 weight rows, or 64 gate + 64 up rows for GatedAct); grid.y strides
+// over the row tiles of all experts.
+template <class T, class TO>
+__global__ void __launch_bounds__(128) grouped_gemm_tc_kernel(GroupedGemmParams p, const int32_t* tile_start) {
+  __shared__ __align__(16) uint16_t As[2][kTileRows * kTcLds];
+  __shared__ __align__(16) uint16_t Bs[2][kTcBN * kTcLds];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows 32*wm.., weight rows below
+  const int grp = lane >> 2, tig = lane & 3;
+  const bool gated = p.epilogue == Epilogue::GatedAct;
+  const T* A = static_cast<const T*>(p.a);
+  const T* W = static_cast<const T*>(p.w);
+  const int64_t K = p.K;
+  const int nk = static_cast<int>((K + kTcBK - 1) / kTcBK);
+  const int total = tile_start[p.E];
+  // shared-memory row of the warp's n-tile ni (8 weight rows each)
+  auto smem_n = [&](int ni) { return gated ? (ni < 4 ? wn * 32 + ni * 8 : 64 + wn * 32 + (ni - 4) * 8) : wn * 64 + ni * 8; };
+
+  for (int tile = blockIdx.y; tile < total; tile += gridDim.y) {
+    const int e = tile_expert(tile_start, p.E, tile);
+    int64_t lo, hi;
+    expert_rows(p, e, lo, hi);
+    const int64_t row0 = lo + static_cast<int64_t>(tile - tile_start[e]) * kTileRows;
+    const T* We = W + static_cast<int64_t>(e) * p.N_w * K;
+
+    auto load_stage = [&](int stage, int kt) {
+      const int64_t k0 = static_cast<int64_t>(kt) * kTcBK;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {  // A: 64 rows x 4 chunks of 8 halves
+        const int c = tid + i * 128, r = c >> 2, ch = c & 3;
+        const int64_t row = row0 + r, k = k0 + ch * 8;
+        const bool ok = row < hi && k < K;
+        cp_async16(&As[stage][r * kTcLds + ch * 8], ok ? A + row * p.lda + k : A, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // B: 128 weight rows x 4 chunks
+        const int c = tid + i * 128, r = c >> 2, ch = c & 3;
+        int64_t n;
+        bool ok;
+        if (gated) {
+          const int64_t g = static_cast<int64_t>(blockIdx.x) * 64 + (r & 63);
+          ok = g < p.gated_half;
+          n = r < 64 ? g : p.gated_half + g;
+        } else {
+          n = static_cast<int64_t>(blockIdx.x) * kTcBN + r;
+          ok = n < p.N_w;
+        }
+        const int64_t k = k0 + ch * 8;
+        ok = ok && k < K;
+        cp_async16(&Bs[stage][r * kTcLds + ch * 8], ok ? We + n * K + k : W, ok);
+      }
+      cp_async_commit();
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
+
+    load_stage(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+      if (kt + 1 < nk) {
+        load_stage((kt + 1) & 1, kt + 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const uint16_t* as = As[kt & 1];
+      const uint16_t* bs = Bs[kt & 1];
+#pragma unroll
+      for (int ks = 0; ks < kTcBK; ks += 16) {
+        uint32_t af[2][4], bf[8][2];
+        const int col = ks + tig * 2;
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int r = wm * 32 + mi * 16 + grp;
+          af[mi][0] = lds32(as + r * kTcLds + col);
+          af[mi][1] = lds32(as + (r + 8) * kTcLds + col);
+          af[mi][2] = lds32(as + r * kTcLds + col + 8);
+          af[mi][3] = lds32(as + (r + 8) * kTcLds + col + 8);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) {
+          const int n = smem_n(ni) + grp;
+          bf[ni][0] = lds32(bs + n * kTcLds + col);
+          bf[ni][1] = lds32(bs + n * kTcLds + col + 8);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      }
+      __syncthreads();  // the next iteration's loads overwrite this stage
+    }
+
+    // epilogue: c0,c1 -> (row grp, cols 2*tig, 2*tig+1), c2,c3 -> row grp + 8
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + wm * 32 + mi * 16 + grp + h * 8;
+        if (row >= hi) continue;
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            if (gated) {
+              if (ni >= 4) continue;
+              const int64_t c = static_cast<int64_t>(blockIdx.x) * 64 + wn * 32 + ni * 8 + tig * 2 + j;
+              if (c < p.N_out)
+                store_out<TO>(p, row, c, epilogue_value(p, e, c, acc[mi][ni][h * 2 + j], acc[mi][ni + 4][h * 2 + j]));
+            } else {
+              const int64_t c = static_cast<int64_t>(blockIdx.x) * kTcBN + wn * 64 + ni * 8 + tig * 2 + j;
+              if (c < p.N_out) store_out<TO>(p, row, c, epilogue_value(p, e, c, acc[mi][ni][h * 2 + j], 0.f));
+            }
+          }
+      }
+  }
+}
+
+// ---------------------------------------------------------------- SIMT fallback
+constexpr int kSimtBN = 64, kSimtBK = 16;
+
+template <class TW>
+__device__ __forceinline__ float weight_at(const GroupedGemmParams& p, const TW* We, int64_t n, int64_t k) {
+  return to_f(p.w_transposed ? We[k * p.N_w + n] : We[n * p.K + k]);
+}
+
+// 256 threads, 64 rows x 64 output columns, 4 x 4 per thread; GatedAct keeps a second
+// accumulator for the up rows.
+template <class TA, class TW, class TO>
+__global__ void __launch_bounds__(256) grouped_gemm_simt_kernel(GroupedGemmParams p, const int32_t* tile_start) {
+  __shared__ float As[kSimtBK][kTileRows + 1];
+  __shared__ float Bg[kSimtBK][kSimtBN + 1];
+  __shared__ float Bu[kSimtBK][kSimtBN + 1];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const bool gated = p.epilogue == Epilogue::GatedAct;
+  const TA* A = static_cast<const TA*>(p.a);
+  const TW* W = static_cast<const TW*>(p.w);
+  const int total = tile_start[p.E];
+  for (int tile = blockIdx.y; tile < total; tile += gridDim.y) {
+    const int e = tile_expert(tile_start, p.E, tile);
+    int64_t lo, hi;
+    expert_rows(p, e, lo, hi);
+    const int64_t row0 = lo + static_cast<int64_t>(tile - tile_start[e]) * kTileRows;
+    const TW* We = W + static_cast<int64_t>(e) * p.N_w * p.K;
+    float acc[4][4] = {}, accu[4][4] = {};
+    for (int64_t k0 = 0; k0 < p.K; k0 += kSimtBK) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int idx = threadIdx.x + i * 256, r = idx >> 4, kk = idx & 15;
+        const int64_t row = row0 + r, k = k0 + kk;
+        As[kk][r] = (row < hi && k < p.K) ? to_f(A[row * p.lda + k]) : 0.f;
+        const int64_t c = static_cast<int64_t>(blockIdx.x) * kSimtBN + r;
+        const bool ok = c < p.N_out && k < p.K;
+        Bg[kk][r] = ok ? weight_at(p, We, c, k) : 0.f;
+        if (gated) Bu[kk][r] = ok ? weight_at(p, We, p.gated_half + c, k) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kSimtBK; ++kk) {
+        float a[4], b[4], bu[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a[i] = As[kk][ty * 4 + i];
+          b[i] = Bg[kk][tx * 4 + i];
+          bu[i] = gated ? Bu[kk][tx * 4 + i] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            accu[i][j] = fmaf(a[i], bu[j], accu[i][j]);
+          }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row0 + ty * 4 + i;
+      if (row >= hi) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = static_cast<int64_t>(blockIdx.x) * kSimtBN + tx * 4 + j;
+        if (c < p.N_out) store_out<TO>(p, row, c, epilogue_value(p, e, c, acc[i][j], accu[i][j]));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- decode
+template <class T, int V>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&f)[V]) {
+  if constexpr (V == 1) {
+    f[0] = to_f(ptr[0]);
+  } else {
+    struct alignas(sizeof(T) * V) Pack {
+      T v[V];
+    };
+    const Pack pk = *reinterpret_cast<const Pack*>(ptr);
+#pragma unroll
+    for (int i = 0; i < V; ++i) f[i] = to_f(pk.v[i]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// grid (column blocks, E): a warp owns output column c of expert blockIdx.y and reads its weight
+// row(s) once per kDecodeRows rows of that expert (every row when the expert has <= 8).
+// V elements per load (16 bytes when K, lda and the pointers allow it).
+template <class TA, class TW, class TO, int V>
+__global__ void __launch_bounds__(256) grouped_gemm_decode_kernel(GroupedGemmParams p) {
+  const int e = blockIdx.y;
+  int64_t lo, hi;
+  expert_rows(p, e, lo, hi);
+  if (hi <= lo) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool gated = p.epilogue == Epilogue::GatedAct;
+  const TA* A = static_cast<const TA*>(p.a);
+  const TW* We = static_cast<const TW*>(p.w) + static_cast<int64_t>(e) * p.N_w * p.K;
+  const int64_t c_end = min(p.N_out, static_cast<int64_t>(blockIdx.x + 1) * kDecodeColsPerBlock);
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kDecodeColsPerBlock + warp; c < c_end; c += 8) {
+    const TW* wg = We + c * p.K;
+    const TW* wu = gated ? We + (p.gated_half + c) * p.K : wg;
+    for (int64_t m0 = lo; m0 < hi; m0 += kDecodeRows) {
+      const int nr = static_cast<int>(min(static_cast<int64_t>(kDecodeRows), hi - m0));
+      float ag[kDecodeRows], au[kDecodeRows];
+#pragma unroll
+      for (int m = 0; m < kDecodeRows; ++m) ag[m] = au[m] = 0.f;
+      for (int64_t k = static_cast<int64_t>(lane) * V; k < p.K; k += 32 * V) {
+        float g[V], u[V];
+        load_vec<TW, V>(wg + k, g);
+        if (gated) load_vec<TW, V>(wu + k, u);
+#pragma unroll
+        for (int m = 0; m < kDecodeRows; ++m) {
+          if (m >= nr) break;
+          float a[V];
+          load_vec<TA, V>(A + (m0 + m) * p.lda + k, a);
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            ag[m] = fmaf(a[i], g[i], ag[m]);
+            if (gated) au[m] = fmaf(a[i], u[i], au[m]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kDecodeRows; ++m) {
+        if (m >= nr) break;
+        const float sg = warp_sum(ag[m]);
+        const float su = gated ? warp_sum(au[m]) : 0.f;
+        if (lane == 0) store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, sg, su));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+// The dtype combinations instantiated (each kernel is compiled once per combination, so the
+// list is kept short; the host casts other mixes of activations to fp32):
+//   a == w (out a's dtype or fp32), or fp32 a with 16-bit w (out fp32).
+template <class F>
+void dispatch_types(const GroupedGemmParams& p, F&& f) {
+  const DType a = p.a_dtype, w = p.w_dtype, o = p.out_dtype;
+  if (a == DType::F32 && w == DType::F32 && o == DType::F32) return f.template operator()<float, float, float>();
+  if (a == DType::F16 && w == DType::F16 && o == DType::F16) return f.template operator()<__half, __half, __half>();
+  if (a == DType::F16 && w == DType::F16 && o == DType::F32) return f.template operator()<__half, __half, float>();
+  if (a == DType::BF16 && w == DType::BF16 && o == DType::BF16)
+    return f.template operator()<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>();
+  if (a == DType::BF16 && w == DType::BF16 && o == DType::F32)
+    return f.template operator()<__nv_bfloat16, __nv_bfloat16, float>();
+  if (a == DType::F32 && w == DType::F16 && o == DType::F32) return f.template operator()<float, __half, float>();
+  if (a == DType::F32 && w == DType::BF16 && o == DType::F32) return f.template operator()<float, __nv_bfloat16, float>();
+  throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: unsupported dtype combination (a, w, out) = (" +
+                              std::to_string(static_cast<int>(a)) + ", " + std::to_string(static_cast<int>(w)) +
+                              ", " + std::to_string(static_cast<int>(o)) + ")");
+}
+
+int elem_bytes(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+size_t grouped_gemm_workspace_bytes(int E) { return sizeof(int32_t) * (static_cast<size_t>(E) + 1); }
+
+bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major) {
+  return device_major >= 8 && p.a_dtype == p.w_dtype && p.a_dtype != DType::F32 && !p.w_transposed &&
+         p.K % 8 == 0 && p.lda % 8 == 0 && aligned16(p.a) && aligned16(p.w);
+}
+
+void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+  if (p.E < 1 || p.R <= 0 || p.N_out <= 0) return;
+  if (p.epilogue == Epilogue::GatedAct && p.N_out != p.gated_half)
+    throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: GatedAct needs N_out == gated_half");
+  if (workspace == nullptr || workspace_bytes < grouped_gemm_workspace_bytes(p.E))
+    throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: workspace too small");
+
+  // decode: few rows per expert, [E, N, K] weights, E fits grid.y
+  if (max_rows_per_expert <= 16 && !p.w_transposed && p.E <= kMaxGridY) {
+    const dim3 grid(static_cast<unsigned>((p.N_out + kDecodeColsPerBlock - 1) / kDecodeColsPerBlock),
+                    static_cast<unsigned>(p.E));
+    const int ea = elem_bytes(p.a_dtype);
+    const bool vec = p.a_dtype == p.w_dtype && p.K % (16 / ea) == 0 && p.lda % (16 / ea) == 0 && aligned16(p.a) &&
+                     aligned16(p.w);
+    dispatch_types(p, [&]<class TA, class TW, class TO>() {
+      if constexpr (std::is_same_v<TA, TW>) {
+        if (vec) {
+          grouped_gemm_decode_kernel<TA, TW, TO, 16 / sizeof(TA)><<<grid, 256, 0, stream>>>(p);
+          return;
+        }
+      }
+      grouped_gemm_decode_kernel<TA, TW, TO, 1><<<grid, 256, 0, stream>>>(p);
+    });
+    check(cudaGetLastError(), "grouped_gemm decode kernel launch");
+    return;
+  }
+
+  int32_t* tile_start = static_cast<int32_t*>(workspace);
+  tile_start_kernel<<<1, 1024, 0, stream>>>(p, tile_start);
+  check(cudaGetLastError(), "grouped_gemm tile schedule launch");
+  const int64_t tiles_bound = (p.R + kTileRows - 1) / kTileRows + p.E;
+  const unsigned gy = static_cast<unsigned>(std::min<int64_t>(tiles_bound, kMaxGridY));
+  const bool gated = p.epilogue == Epilogue::GatedAct;
+  const bool tc = grouped_gemm_uses_tensor_cores(p, device_major);
+  dispatch_types(p, [&]<class TA, class TW, class TO>() {
+    if constexpr (std::is_same_v<TA, TW> && !std::is_same_v<TA, float>) {
+      if (tc) {
+        const int64_t cols = gated ? (p.gated_half + 63) / 64 : (p.N_w + kTcBN - 1) / kTcBN;
+        grouped_gemm_tc_kernel<TA, TO><<<dim3(static_cast<unsigned>(cols), gy), 128, 0, stream>>>(p, tile_start);
+        return;
+      }
+    }
+    const dim3 grid(static_cast<unsigned>((p.N_out + kSimtBN - 1) / kSimtBN), gy);
+    grouped_gemm_simt_kernel<TA, TW, TO><<<grid, 256, 0, stream>>>(p, tile_start);
+  });
+  check(cudaGetLastError(), "grouped_gemm kernel launch");
+}
+
+}  // namespace moeops::cuda

@@ -1,0 +1,53 @@
+// CUDA grouped GEMM over expert-grouped rows (the building block of grouped_gemm and
+// fused_experts on the GPU). No torch headers: experts_kernels.cu includes this.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/launch_types.h"
+
+namespace moeops::cuda {
+
+// What the GEMM writes for output column c of a row owned by expert e (acc = fp32 dot products):
+//   Store:    acc[c] (+ bias[e, c])
+//   Act:      act(acc[c] + bias[e, c])
+//   GatedAct: act(acc[c] + bias[e, c]) * (acc[gated_half + c] + bias[e, gated_half + c]),
+//             c < gated_half: the gate rows [0, I) and up rows [I, 2I) of one weight (SwiGLU).
+enum class Epilogue : int { Store = 0, Act = 1, GatedAct = 2 };
+
+struct GroupedGemmParams {
+  const void* a = nullptr;  // [R, K] rows grouped by expert, row stride lda (elements)
+  DType a_dtype = DType::F32;
+  int64_t lda = 0;
+  const void* w = nullptr;  // [E, N_w, K] contiguous, or [E, K, N_w] when w_transposed
+  DType w_dtype = DType::F32;
+  bool w_transposed = false;
+  const int32_t* offsets = nullptr;  // [E+1] on the device; rows offsets[e]:offsets[e+1] use expert e
+  int E = 0;
+  int64_t R = 0, K = 0, N_w = 0;
+  int64_t N_out = 0;  // N_w, or gated_half for GatedAct
+  Epilogue epilogue = Epilogue::Store;
+  int activation = 0;  // moeops::Act: 0 silu, 1 gelu, 2 gelu_tanh, 3 relu, 4 relu2
+  int64_t gated_half = 0;
+  const float* bias = nullptr;  // [E, N_w] fp32 contiguous, or null
+  void* out = nullptr;          // [R, N_out] contiguous, dtype out_dtype; rows of no expert untouched
+  DType out_dtype = DType::F32;
+};
+
+// Device scratch launch_grouped_gemm needs (the per-expert tile schedule).
+size_t grouped_gemm_workspace_bytes(int E);
+
+// True when the launch will run the tensor-core (mma.sync) kernel: a and w both fp16 or both
+// bf16, w not transposed, K and lda multiples of 8, a and w 16-byte aligned, device sm_80+.
+bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major);
+
+// Runs the grouped GEMM without a host synchronisation: the tile schedule is computed on the
+// device from `offsets`. Offsets are clamped to [0, R] (no host check is possible). Experts
+// with no rows cost nothing. `max_rows_per_expert` is a host-side upper bound (e.g. T for a
+// fused MoE layer, R when unknown): <= 16 picks the decode kernel, which reads every weight row
+// of each used expert once for all of that expert's rows.
+void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major,
+                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace moeops::cuda

@@ -1,0 +1,126 @@
+"""CUDA grouped_gemm / fused_experts: each kernel path (decode, tensor cores, SIMT fallback)
+against the reference, no host synchronisation, CUDA-graph capture, 64-bit row offsets.
+The parity sweeps of tests/test_experts.py also run on CUDA; this file pins down the paths."""
+
+import pytest
+import torch
+
+import moeops
+from moeops import reference
+
+from conftest import CUDA_SKIP_REASON, _cuda_ready
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _cuda_ready(), reason=CUDA_SKIP_REASON)]
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=4e-3, atol=4e-3)}
+
+
+def _routing(T, K, E, seed, empty=0.1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+    ids[torch.rand(T, K, generator=g) < empty] = -1
+    return ids, torch.rand(T, K, generator=g)
+
+
+def _params(E, H, I, gated, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w_up = (torch.randn(E, (2 if gated else 1) * I, H, generator=g) * H ** -0.5).to(dtype)
+    w_down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype)
+    return w_up, w_down
+
+
+# (T, H, I): T <= 16 takes the decode kernel; H % 8 == 0 with 16-bit weights the tensor cores;
+# fp32, or H % 8 != 0, the SIMT kernel. Sizes leave tails in every tile dimension.
+PATHS = [(1, 128, 64), (16, 72, 40), (17, 128, 96), (300, 256, 200), (90, 36, 20)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("T,H,I", PATHS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_experts_paths(dtype, T, H, I, gated):
+    E, K = 8, 2
+    ids, w = _routing(T, K, E, T + H)
+    ids[:, :] = torch.where(ids == 5, -1, ids)  # expert 5 has no rows at all
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w_up, w_down = _params(E, H, I, gated, dtype, T)
+    b_up = torch.randn(E, w_up.shape[1]) * 0.1
+    b_down = torch.randn(E, H) * 0.1
+    gain = torch.rand(E) + 0.5
+    gain[3] = 0.0
+    act = "silu" if gated else "relu"
+    cpu = (hidden, ids, w, w_up, w_down, b_up, b_down)
+    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated, gain=gain.cuda(),
+                               backend="cpp")
+    want = reference.fused_experts(*cpu, activation=act, gated=gated, gain=gain)
+    assert got.dtype == dtype and got.shape == (T, H)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("R,K,N,transposed", [(5, 64, 48, False), (200, 128, 136, False),
+                                              (200, 40, 30, True), (130, 20, 33, False)])
+def test_grouped_gemm_paths(dtype, R, K, N, transposed):
+    E = 5
+    g = torch.Generator().manual_seed(R + K)
+    x = torch.randn(R + 3, K, generator=g).to(dtype)
+    cuts = torch.sort(torch.randint(2, R + 1, (E - 1,), generator=g)).values
+    offsets = torch.cat([torch.tensor([2]), cuts, torch.tensor([R])]).int()
+    offsets[2] = offsets[1]  # an empty expert
+    w = (torch.randn(E, K, N, generator=g) if transposed else torch.randn(E, N, K, generator=g)) * K ** -0.5
+    w = w.to(dtype)
+    got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), w_transposed=transposed, backend="cpp")
+    want = reference.grouped_gemm(x, w, offsets, w_transposed=transposed)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+    assert torch.equal(got[:2].cpu(), torch.zeros(2, N, dtype=dtype))  # rows before offsets[0]
+    assert torch.equal(got[R:].cpu(), torch.zeros(3, N, dtype=dtype))  # rows after offsets[E]
+
+
+@pytest.mark.parametrize("T", [4, 256])
+def test_whole_layer_without_host_sync_and_in_a_cuda_graph(T):
+    """gating -> fused experts never waits for the host (sync debug mode raises if it did) and
+    replays from a captured CUDA graph."""
+    E, K, H, I = 16, 4, 256, 128
+    dev = "cuda"
+    logits = torch.randn(T, E, device=dev)
+    hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    w_up, w_down = (t.to(dev) for t in _params(E, H, I, True, torch.bfloat16, 0))
+
+    def layer():
+        r = moeops.topk_gating(logits, K, renormalize=True, backend="cpp")
+        return moeops.fused_experts(hidden, r.ids, r.weights, w_up, w_down, backend="cpp")
+
+    want = layer()  # warm-up: allocations, lazy CUDA initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = layer()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer()
+    logits.copy_(torch.randn(T, E, device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, layer())
+
+
+@pytest.mark.slow
+def test_grouped_gemm_rows_beyond_2_31_elements():
+    """Row offsets times K beyond 2^31 elements: 64-bit address arithmetic in every kernel."""
+    K, N, E = 4096, 64, 2
+    R = 2**31 // K + 1000  # x holds R*K > 2^31 bf16 elements (4.3 GB)
+    x = torch.zeros(R, K, device="cuda", dtype=torch.bfloat16)
+    x[-5:] = 1.0
+    w = torch.ones(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.5
+    offsets = torch.tensor([0, R // 2, R], device="cuda", dtype=torch.int32)
+    out = moeops.grouped_gemm(x, w, offsets, backend="cpp")
+    assert torch.equal(out[-5:].float().cpu(), torch.full((5, N), K * 0.5))
+    assert not out[: R - 5].any()
