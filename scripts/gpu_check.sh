@@ -30,7 +30,7 @@ step build 300 $PY -m pip install -v --no-build-isolation --no-deps . || { tail 
 step tests 300 $PY -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
 step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
 step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
-step bench 180 $PY -m moeops bench --device cuda --repeats 50
+step bench 300 $PY -m moeops bench --device cuda --repeats 20 --time-budget 1 --json "$OUT/bench.json"
 
 echo "================ moeops GPU check ($(cat "$OUT/commit.txt" 2>/dev/null | cut -c1-10)) ================"
 grep -m1 -E "^\|? *[0-9]+ +NVIDIA|NVIDIA H|NVIDIA A" "$OUT/nvidia-smi.log" || true

@@ -50,7 +50,10 @@ LAYERS: dict[str, dict] = {
     "qwen1.5-moe-a2.7b": dict(E=60, K=4, H=2048, I=1408, I_shared=5632, hf="qwen2_moe"),
     "mixtral-8x7b": dict(E=8, K=2, H=4096, I=14336, I_shared=0, hf="mixtral"),
     "deepseek-v2-lite": dict(E=64, K=6, H=2048, I=1408, I_shared=0, hf="deepseek_v2"),
+    # 256 x 3 x 7168 x 2048 weights: 22.5 GB in bf16, so only in GPU sweeps (GPU_ONLY)
+    "deepseek-v3": dict(E=256, K=8, H=7168, I=2048, I_shared=0, hf="deepseek_v3"),
 }
+GPU_ONLY = {"deepseek-v3"}
 MODEL_ORDER = list(LAYERS)
 
 _HF = {  # family -> (module path, config class, experts class, {config kwarg: layer key})
@@ -65,6 +68,8 @@ _HF = {  # family -> (module path, config class, experts class, {config kwarg: l
                 dict(num_local_experts="E", intermediate_size="I")),
     "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Config",
                     "DeepseekV2Experts", dict(n_routed_experts="E", moe_intermediate_size="I")),
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Config",
+                    "DeepseekV3Experts", dict(n_routed_experts="E", moe_intermediate_size="I")),
 }
 
 FULL_TOKENS = (1, 4, 16, 64, 256, 1024)
@@ -75,7 +80,13 @@ DEFAULT_CASES = (
     ("qwen3-30b-a3b", "bf16", 1), ("qwen3-30b-a3b", "bf16", 256),
     ("mixtral-8x7b", "bf16", 1),
 )
-PEERS = ("moeops", "reference", "eager", "grouped_mm", "batched_mm")
+# GPU default (moeops bench --device cuda): the shapes and token counts of the GPU issue, bf16
+GPU_TOKENS = (1, 8, 64, 512, 4096, 16384)
+GPU_DEFAULT_CASES = tuple([("qwen3-30b-a3b", "bf16", t) for t in GPU_TOKENS]
+                          + [("mixtral-8x7b", "bf16", t) for t in (1, 8, 512, 4096)]
+                          + [("deepseek-v3", "bf16", t) for t in (1, 8, 512, 4096)])
+# "triton": moeops.fused_experts(backend="triton") (CUDA only)
+PEERS = ("moeops", "triton", "reference", "eager", "grouped_mm", "batched_mm")
 HF_PEERS = ("eager", "grouped_mm", "batched_mm")
 # relative tolerance (max |out - ref| / max |ref|) of the one-time correctness check
 TOLERANCE = {("fp32", "moeops"): 1e-4, ("fp32", "hf"): 1e-4,
@@ -94,13 +105,21 @@ class Case:
         return f"{self.model} {self.dtype} T={self.tokens}"
 
 
+def default_peers(device: str | torch.device = "cpu") -> tuple[str, ...]:
+    """Every implementation that can run on ``device`` (Triton needs a CUDA device)."""
+    return PEERS if torch.device(device).type == "cuda" else tuple(p for p in PEERS if p != "triton")
+
+
 def select_cases(models: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
-                 dtypes: Sequence[str] | None = None, full: bool = False) -> list[Case]:
-    """The built-in default cases, or the cross product of ``models x dtypes x tokens`` (each
-    list defaults to all models / FULL_DTYPES / FULL_TOKENS when any of them or ``full`` is
-    given). Ordered so that each (model, dtype) layer is built once."""
+                 dtypes: Sequence[str] | None = None, full: bool = False,
+                 device: str | torch.device = "cpu") -> list[Case]:
+    """The built-in default cases (GPU_DEFAULT_CASES on CUDA), or the cross product of
+    ``models x dtypes x tokens`` (each list defaults to all models -- without the GPU_ONLY ones
+    on the CPU -- / FULL_DTYPES / FULL_TOKENS when any of them or ``full`` is given). Ordered so
+    that each (model, dtype) layer is built once."""
+    on_gpu = torch.device(device).type == "cuda"
     if not (models or tokens or dtypes or full):
-        cases = [Case(*c) for c in DEFAULT_CASES]
+        cases = [Case(*c) for c in (GPU_DEFAULT_CASES if on_gpu else DEFAULT_CASES)]
     else:
         for m in models or ():
             if m not in LAYERS:
@@ -111,7 +130,8 @@ def select_cases(models: Sequence[str] | None = None, tokens: Sequence[int] | No
         for t in tokens or ():
             if t < 1:
                 raise ValueError(f"token counts must be >= 1, got {t}")
-        cases = [Case(m, d, t) for m in (models or MODEL_ORDER) for d in (dtypes or FULL_DTYPES)
+        all_models = [m for m in MODEL_ORDER if on_gpu or m not in GPU_ONLY]
+        cases = [Case(m, d, t) for m in (models or all_models) for d in (dtypes or FULL_DTYPES)
                  for t in (tokens or FULL_TOKENS)]
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     dorder = {d: i for i, d in enumerate(DTYPES)}
@@ -376,6 +396,8 @@ class Layer:
             return self.moeops_fn(moeops_backend)
         if peer == "reference":
             return self.moeops_fn("reference")
+        if peer == "triton":
+            return self.moeops_fn("triton")
         if peer in HF_PEERS:
             return self.hf_fn(peer)
         raise ValueError(f"unknown implementation {peer!r}; known: {', '.join(PEERS)}")
@@ -489,6 +511,8 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
         if p not in PEERS:
             raise ValueError(f"unknown implementation {p!r}; known: {', '.join(PEERS)}")
     peers = [p for p in PEERS if p in peers]  # canonical order
+    if "triton" in peers and dev.type != "cuda":
+        raise ValueError("the 'triton' implementation needs --device cuda")
     backend, backend_note = ("auto", "")
     if "moeops" in peers:
         backend, backend_note = moeops_backend_for(dev, moeops_backend)
@@ -626,7 +650,7 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, dev: torch.
 
 # ----------------------------------------------------------------------------- output
 
-_SHORT = {"moeops": "moeops", "reference": "ref", "eager": "eager", "grouped_mm": "grouped",
+_SHORT = {"moeops": "moeops", "triton": "triton", "reference": "ref", "eager": "eager", "grouped_mm": "grouped",
           "batched_mm": "batched"}
 
 

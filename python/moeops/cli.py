@@ -38,7 +38,7 @@ def _experts_bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
     try:
-        cases = be.select_cases(args.models, args.tokens, args.dtypes, args.full)
+        cases = be.select_cases(args.models, args.tokens, args.dtypes, args.full, device=args.device)
     except ValueError as e:
         raise SystemExit(f"moeops bench: {e}") from None
     if args.plot:  # fail early, not after minutes of measuring
@@ -48,7 +48,7 @@ def _experts_bench(args) -> int:
             raise SystemExit("moeops bench: --plot needs matplotlib (pip install matplotlib)")
     try:
         r = be.run_experts_bench(
-            cases, peers=args.peers or be.PEERS, device=args.device,
+            cases, peers=args.peers or be.default_peers(args.device), device=args.device,
             moeops_backend=args.backend, min_runs=args.min_runs,
             max_runs=args.repeats or 30, time_budget=args.time_budget,
             batched_mm_max_tokens=args.batched_mm_max_tokens, progress=not args.quiet)
