@@ -1,0 +1,260 @@
+"""Expert parallelism (moeops.distributed) over gloo on 127.0.0.1.
+
+Each launch starts W rank processes of tests/ep_worker.py (one CPU thread each), which run every
+scenario of a suite and compare against the single-process layer computed from the same seeds.
+A launch has a deadline; on a timeout or a failed rank every process is killed. The launch runs
+once per (suite, W) (module-scoped fixture) and each scenario is its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import moeops
+from moeops.distributed import ExpertPlacement, shard_state_dict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "ep_worker.py")
+TOL = 1e-5  # fp32: max |a - b| / (1 + |b|)
+LAUNCH_TIMEOUT_S = 90
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(suite: str, world: int, tmp_path) -> list[dict]:
+    """Run ``world`` ranks of the worker; returns each rank's results. Kills every rank it
+    started if one fails or the deadline passes."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(moeops.__path__[0]), HERE,
+                                           os.environ.get("PYTHONPATH", "")]))
+    procs, logs = [], []
+    try:
+        for r in range(world):
+            log = open(tmp_path / f"rank{r}.log", "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, WORKER, suite, str(tmp_path)],
+                                          env=dict(env, RANK=str(r)), stdout=log,
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    out = []
+    for r, p in enumerate(procs):
+        logs[r].seek(0)
+        text = logs[r].read()
+        logs[r].close()
+        path = tmp_path / f"rank{r}.json"
+        if p.returncode != 0 or not path.exists():
+            pytest.fail(f"{suite} W={world}: rank {r} exited with {p.returncode} "
+                        f"(timeout {LAUNCH_TIMEOUT_S}s); log tail:\n{text[-3000:]}")
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
+def layer_results(request, tmp_path_factory):
+    return request.param, launch("layer", request.param, tmp_path_factory.mktemp("ep_layer"))
+
+
+@pytest.fixture(scope="module")
+def hf_results(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from moeops.integrations import hf
+    if hf._transformers_major() < 5:
+        pytest.skip("expert parallelism patches transformers 5.x models (stacked experts)")
+    return launch("hf", 2, tmp_path_factory.mktemp("ep_hf"))
+
+
+LAYER_SCENARIOS = ["contiguous", "uneven_bias_gain", "user_map", "masked_drop",
+                   "masked_drop_renorm", "no_tokens_rank1", "only_rank0_experts",
+                   "sigmoid_grouped", "bf16_fp32_return"]
+
+
+@pytest.mark.parametrize("name", LAYER_SCENARIOS)
+def test_layer_matches_single_process(layer_results, name):
+    """Outputs (with and without grad mode) and gradients of hidden, every expert tensor and the
+    router equal the single-process layer's on every rank."""
+    world, ranks = layer_results
+    tol = 1e-2 if name.startswith("bf16") else TOL  # bf16: one rounding of the output
+    for r, res in enumerate(ranks):
+        got = res[name]
+        assert "error" not in got, f"rank {r}: {got.get('error')}"
+        for key, val in got.items():
+            if key == "out" or key.startswith("grad_") or key == "out_no_grad":
+                # bf16 gradients: the backward replays in fp32 and rounds once per tensor
+                assert val <= (5e-2 if name.startswith("bf16") and key.startswith("grad") else tol), \
+                    f"W={world} rank {r} {name}: {key} differs by {val}"
+        # only non-empty slots are sent
+        assert got["rows_sent"] == got["nonempty_slots"], (r, got)
+    total_sent = sum(res[name]["rows_sent"] for res in ranks)
+    total_recv = sum(res[name]["rows_received"] for res in ranks)
+    assert total_sent == total_recv
+
+
+def test_placement_shapes_in_launch(layer_results):
+    world, ranks = layer_results
+    got = [res["contiguous"]["local_experts"] for res in ranks]
+    assert got == [ExpertPlacement.contiguous(8, world).local_experts(r) for r in range(world)]
+    assert sorted(e for ids in got for e in ids) == list(range(8))
+    # the user map leaves the last rank without experts
+    assert ranks[-1]["user_map"]["local_experts"] == []
+
+
+def test_ranks_without_tokens_or_rows(layer_results):
+    world, ranks = layer_results
+    assert ranks[1]["no_tokens_rank1"]["rows_sent"] == 0
+    assert ranks[1]["no_tokens_rank1"]["rows_received"] > 0  # it still serves its experts
+    for r in range(1, world):
+        assert ranks[r]["only_rank0_experts"]["rows_received"] == 0
+    assert ranks[0]["only_rank0_experts"]["rows_received"] == sum(
+        res["only_rank0_experts"]["nonempty_slots"] for res in ranks)
+    # masks: some tokens of drop_renorm have every slot empty, so fewer rows than T*K
+    assert ranks[0]["masked_drop_renorm"]["nonempty_slots"] < 4 * 3
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_hf_generation_identical(hf_results, family):
+    """moeops.patch(model, ep_group=...) on 2 ranks: the same greedy tokens as the unpatched
+    model and as moeops.patch without expert parallelism, each rank with its own prompts."""
+    for r, res in enumerate(hf_results):
+        got = res[family]
+        assert "error" not in got, f"rank {r}: {got.get('error')}"
+        assert got["new_tokens"] == 6
+        assert got["same_as_moeops"], (r, got)
+        assert got["same_as_hf"], (r, got)
+        assert got["logits"] <= TOL, (r, got)
+        assert got["params_ep"] < got["params_full"]  # only local experts kept
+        assert got["unpatch_refused"]
+    # the two ranks together hold every expert exactly once; nothing else changed size
+    full = hf_results[0][family]["expert_params_full"]
+    assert sum(res[family]["expert_params_ep"] for res in hf_results) == full
+    for res in hf_results:
+        got = res[family]
+        assert got["params_full"] - got["params_ep"] == full - got["expert_params_ep"]
+
+# ----------------------------------------------------------------------------- in-process
+
+def test_placement_contiguous_and_uneven():
+    p = ExpertPlacement.contiguous(7, 3)
+    assert [p.local_experts(r) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert p.experts_per_rank() == [3, 2, 2]
+    p = ExpertPlacement.make(4, 2, [1, 0, 1, 0])
+    assert p.rank_major_order() == [1, 3, 0, 2]
+    assert p.position_table().tolist() == [2, 0, 3, 1]
+    assert ExpertPlacement.contiguous(2, 3).experts_per_rank() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_experts=4, world_size=2, expert_to_rank=[0, 1, 2, 0]), "ranks in"),
+    (dict(num_experts=4, world_size=2, expert_to_rank=[0, 1, 1]), "covers 3 experts"),
+    (dict(num_experts=0, world_size=2), "num_experts"),
+    (dict(num_experts=4, world_size=0), "world_size"),
+])
+def test_placement_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertPlacement.make(**bad)
+
+
+def test_shard_state_dict_tensor_and_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"layer.experts.gate_up_proj": torch.randn(5, 6, 4, generator=g),
+          "layer.experts.down_proj": torch.randn(5, 4, 3, generator=g),
+          "layer.router.weight": torch.randn(5, 4, generator=g)}
+    for e2r, rank in ((None, 1), ([1, 0, 1, 0, 1], 1), ([1, 0, 1, 0, 1], 0)):
+        p = ExpertPlacement.make(5, 2, e2r)
+        local = p.local_experts(rank)
+        got = shard_state_dict(sd, 5, rank=rank, world_size=2, expert_to_rank=e2r)
+        assert torch.equal(got["layer.experts.gate_up_proj"], sd["layer.experts.gate_up_proj"][local])
+        assert torch.equal(got["layer.experts.down_proj"], sd["layer.experts.down_proj"][local])
+        assert got["layer.router.weight"] is sd["layer.router.weight"]  # replicated, untouched
+    safetensors = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+    path = tmp_path / "m.safetensors"
+    safetensors.save_file(sd, str(path))
+    with safe_open(str(path), "pt") as f:
+        for e2r in (None, [1, 0, 1, 0, 1]):
+            got = shard_state_dict(f, 5, rank=1, world_size=2, expert_to_rank=e2r)
+            local = ExpertPlacement.make(5, 2, e2r).local_experts(1)
+            assert torch.equal(got["layer.experts.down_proj"], sd["layer.experts.down_proj"][local])
+            assert torch.equal(got["layer.router.weight"], sd["layer.router.weight"])
+    with pytest.raises(KeyError, match="missing"):
+        shard_state_dict(sd, 5, rank=0, world_size=2, keys=["missing"])
+
+
+def test_needs_a_group():
+    if torch.distributed.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        moeops.distributed.ep_fused_experts(
+            torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1),
+            torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), ExpertPlacement.contiguous(1, 1))
+    with pytest.raises(ValueError, match="expert_to_rank needs ep_group"):
+        moeops.patch(torch.nn.Linear(2, 2), expert_to_rank=[0])
+
+
+@pytest.mark.parametrize("T, R", [(0, 0), (3, 0), (3, 2)])
+def test_combine_permute_backward_with_no_rows(T, R):
+    """combine/permute backward with T=0 or no rows (every slot empty), as EP ranks see them."""
+    H, K = 4, 2
+    y = torch.randn(R, H, requires_grad=True)
+    w = torch.rand(T, K, requires_grad=True)
+    inv = torch.full((T * K,), -1, dtype=torch.int32)
+    if R:
+        inv[0], inv[3] = 1, 0
+    out = moeops.combine(y, w, inv)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    ref_w = torch.zeros(T, K)
+    if R:
+        ref_w[0, 0] = (y[1] * g[0]).sum()
+        ref_w[1, 1] = (y[0] * g[1]).sum()
+    torch.testing.assert_close(w.grad, ref_w)
+    assert y.grad.shape == (R, H)
+    h = torch.randn(T, H, requires_grad=True)
+    sc = torch.rand(T * K, requires_grad=True)
+    ss = torch.full((R,), -1, dtype=torch.int32)
+    if R:
+        ss[0], ss[1] = 3, 0
+    moeops.permute(h, ss, K, sc).sum().backward()
+    ref_sc = torch.zeros(T * K)
+    if R:
+        ref_sc[3], ref_sc[0] = h[1].sum(), h[0].sum()
+    torch.testing.assert_close(sc.grad, ref_sc.detach())
+
+
+def test_drop_renorm_gradient_finite_when_every_slot_is_dropped():
+    """A token whose every slot is dropped (drop_renorm) has zero gradient, not NaN (EP tests
+    mask whole tokens)."""
+    logits = torch.randn(3, 6, requires_grad=True)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :2] = True
+    r = moeops.topk_gating(logits, 3, mask=mask, mask_mode="drop_renorm")
+    assert (r.ids[0] == -1).all()
+    r.weights.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[0] == 0).all()
