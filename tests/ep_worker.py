@@ -1,7 +1,7 @@
 """One rank of the expert-parallel tests (tests/test_distributed.py launches W of these).
 
-``python tests/ep_worker.py SUITE OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
-environment. Runs every scenario of SUITE (``layer`` or ``hf``) on a gloo group and writes
+``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
+environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo group and writes
 ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the single-process result
 (computed on every rank from the same seeds, over the tokens of all ranks) or an error.
 """
@@ -198,6 +198,12 @@ def run_hf_scenario(family, rank, world):
         moeops.patch(model)
         ref_moeops = model.generate(ids, attention_mask=mask, **gen)
         logits_ref = model(ids, attention_mask=mask).logits
+    # training: one loss + backward on this rank's batch (moeops, no expert parallelism)
+    labels = ids.masked_fill(mask == 0, -100)
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
         moeops.unpatch(model)
         full_params = sum(p.numel() for p in model.parameters())
         full_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -205,6 +211,19 @@ def run_hf_scenario(family, rank, world):
         ep = model.generate(ids, attention_mask=mask, **gen)
         logits_ep = model(ids, attention_mask=mask).logits
     ep_params = sum(p.numel() for p in model.parameters())
+    # the same training step with expert parallelism: replicated parameters get this rank's
+    # gradient; each expert shard gets the gradient of every rank's tokens (sum over ranks)
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    grad_err, n_expert_grads = 0.0, 0
+    for n, p in model.named_parameters():
+        ref = ref_grads[n]
+        if ".experts." in n:
+            dist.all_reduce(ref)
+            placement = model.get_submodule(n.rsplit(".", 1)[0])._moeops_ep[0]
+            ref = ref[placement.local_experts(rank)]
+            n_expert_grads += 1
+        grad_err = max(grad_err, maxdiff(p.grad, ref))
     ep_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     unpatch_refused = False
     try:
@@ -214,36 +233,38 @@ def run_hf_scenario(family, rank, world):
     return {"same_as_hf": bool(torch.equal(ep, ref_hf)),
             "same_as_moeops": bool(torch.equal(ep, ref_moeops)),
             "new_tokens": int(ep.shape[1] - ids.shape[1]),
-            "logits": maxdiff(logits_ep, logits_ref),
+            "logits": maxdiff(logits_ep, logits_ref), "grads": grad_err,
+            "expert_grads_checked": n_expert_grads,
             "params_full": full_params, "params_ep": ep_params,
             "expert_params_full": full_experts, "expert_params_ep": ep_experts,
             "unpatch_refused": unpatch_refused}
 
 
 def main():
-    suite, out_dir = sys.argv[1], sys.argv[2]
+    suites, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        if suite == "layer":
-            for i, (name, cfg) in enumerate(scenarios(world).items()):
-                try:
-                    results[name] = run_layer_scenario(name, cfg, rank, world, seed=100 + i)
-                except Exception:  # report it; a collective mismatch ends in the timeout
-                    results[name] = {"error": traceback.format_exc()}
-                dist.barrier()
-        elif suite == "hf":
-            for family in ("mixtral", "qwen3_moe"):
-                try:
-                    results[family] = run_hf_scenario(family, rank, world)
-                except Exception:
-                    results[family] = {"error": traceback.format_exc()}
-                dist.barrier()
-        else:
-            raise SystemExit(f"unknown suite {suite!r}")
+        for suite in suites.split(","):
+            if suite == "layer":
+                for i, (name, cfg) in enumerate(scenarios(world).items()):
+                    try:
+                        results[name] = run_layer_scenario(name, cfg, rank, world, seed=100 + i)
+                    except Exception:  # report it; a collective mismatch ends in the timeout
+                        results[name] = {"error": traceback.format_exc()}
+                    dist.barrier()
+            elif suite == "hf":
+                for family in ("mixtral", "qwen3_moe"):
+                    try:
+                        results[family] = run_hf_scenario(family, rank, world)
+                    except Exception:
+                        results[family] = {"error": traceback.format_exc()}
+                    dist.barrier()
+            else:
+                raise SystemExit(f"unknown suite {suite!r}")
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)

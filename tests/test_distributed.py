@@ -2,8 +2,9 @@
 
 Each launch starts W rank processes of tests/ep_worker.py (one CPU thread each), which run every
 scenario of a suite and compare against the single-process layer computed from the same seeds.
-A launch has a deadline; on a timeout or a failed rank every process is killed. The launch runs
-once per (suite, W) (module-scoped fixture) and each scenario is its own test.
+A launch has a deadline; on a timeout or a failed rank every process is killed. There is one
+launch per world size (W=2 with the Hugging Face suite too, W=3), shared by the tests of this
+module; each scenario is its own test.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moeops.distributed import ExpertPlacement, shard_state_dict
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ep_worker.py")
 TOL = 1e-5  # fp32: max |a - b| / (1 + |b|)
-LAUNCH_TIMEOUT_S = 90
+LAUNCH_TIMEOUT_S = 150  # per launch; ~15-30 s on a loaded 2-core machine
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -37,7 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(suite: str, world: int, tmp_path) -> list[dict]:
+def launch(suites: str, world: int, tmp_path) -> list[dict]:
     """Run ``world`` ranks of the worker; returns each rank's results. Kills every rank it
     started if one fails or the deadline passes."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
@@ -49,7 +50,7 @@ def launch(suite: str, world: int, tmp_path) -> list[dict]:
         for r in range(world):
             log = open(tmp_path / f"rank{r}.log", "w+")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, WORKER, suite, str(tmp_path)],
+            procs.append(subprocess.Popen([sys.executable, WORKER, suites, str(tmp_path)],
                                           env=dict(env, RANK=str(r)), stdout=log,
                                           stderr=subprocess.STDOUT))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -69,24 +70,52 @@ def launch(suite: str, world: int, tmp_path) -> list[dict]:
         logs[r].close()
         path = tmp_path / f"rank{r}.json"
         if p.returncode != 0 or not path.exists():
-            pytest.fail(f"{suite} W={world}: rank {r} exited with {p.returncode} "
-                        f"(timeout {LAUNCH_TIMEOUT_S}s); log tail:\n{text[-3000:]}")
+            pytest.fail(f"{suites} W={world}: rank {r} exited with {p.returncode} "
+                        f"(killed if still running after {LAUNCH_TIMEOUT_S} s); log tail:\n{text[-3000:]}")
         out.append(json.loads(path.read_text()))
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
-def layer_results(request, tmp_path_factory):
-    return request.param, launch("layer", request.param, tmp_path_factory.mktemp("ep_layer"))
+def _hf_ok() -> str | None:
+    try:
+        from moeops.integrations import hf
+        if hf._transformers_major() < 5:
+            return "expert parallelism patches transformers 5.x models (stacked experts)"
+    except ImportError:
+        return "transformers is not installed"
+    return None
 
 
 @pytest.fixture(scope="module")
-def hf_results(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from moeops.integrations import hf
-    if hf._transformers_major() < 5:
-        pytest.skip("expert parallelism patches transformers 5.x models (stacked experts)")
-    return launch("hf", 2, tmp_path_factory.mktemp("ep_hf"))
+def launches(tmp_path_factory):
+    """One launch per world size, run on first use: W=2 runs the layer and Hugging Face suites
+    (one process start for both), W=3 the layer suite."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            suites = "layer,hf" if world == 2 and _hf_ok() is None else "layer"
+            try:
+                cache[world] = launch(suites, world, tmp_path_factory.mktemp(f"ep_w{world}"))
+            except BaseException as e:  # pytest.fail: fail the other tests too, don't relaunch
+                cache[world] = e
+        if isinstance(cache[world], BaseException):
+            raise cache[world]
+        return cache[world]
+    return get
+
+
+@pytest.fixture(params=[2, 3], ids=lambda w: f"W{w}")
+def layer_results(request, launches):
+    return request.param, launches(request.param)
+
+
+@pytest.fixture
+def hf_results(launches):
+    reason = _hf_ok()
+    if reason:
+        pytest.skip(reason)
+    return launches(2)
 
 
 LAYER_SCENARIOS = ["contiguous", "uneven_bias_gain", "user_map", "masked_drop",
@@ -139,7 +168,8 @@ def test_ranks_without_tokens_or_rows(layer_results):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_hf_generation_identical(hf_results, family):
     """moeops.patch(model, ep_group=...) on 2 ranks: the same greedy tokens as the unpatched
-    model and as moeops.patch without expert parallelism, each rank with its own prompts."""
+    model and as moeops.patch without expert parallelism, each rank with its own prompts; the
+    same logits and the same gradients of a training step."""
     for r, res in enumerate(hf_results):
         got = res[family]
         assert "error" not in got, f"rank {r}: {got.get('error')}"
@@ -147,6 +177,9 @@ def test_hf_generation_identical(hf_results, family):
         assert got["same_as_moeops"], (r, got)
         assert got["same_as_hf"], (r, got)
         assert got["logits"] <= TOL, (r, got)
+        # one training step: every parameter's gradient (expert shards: summed over ranks)
+        assert got["grads"] <= TOL, (r, got)
+        assert got["expert_grads_checked"] == 4  # 2 layers x (gate_up_proj, down_proj)
         assert got["params_ep"] < got["params_full"]  # only local experts kept
         assert got["unpatch_refused"]
     # the two ranks together hold every expert exactly once; nothing else changed size
