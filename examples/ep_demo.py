@@ -74,8 +74,8 @@ def demo(args, rank, world, device):
     H, I, T = args.hidden or 64, args.intermediate or 32, args.tokens or 16
     dtype = getattr(torch, args.dtype or "float32")
     # 1. rank 0 writes the single-process layer (all experts) to a checkpoint
-    path = os.path.join(tempfile.gettempdir(), f"moeops_ep_demo_{os.environ.get('MASTER_PORT', '0')}"
-                        ".safetensors")
+    port = os.environ.get("MASTER_PORT", "0")
+    path = os.path.join(tempfile.gettempdir(), f"moeops_ep_demo_{port}.safetensors")
     if rank == 0:
         g = torch.Generator().manual_seed(0)
         save_file({"router_weight": torch.randn(E, H, generator=g) * 0.3,
@@ -169,9 +169,10 @@ def bench(args, rank, world, device):
               f"{args.threads if device.type == 'cpu' else '-'} thread(s)/rank): E={E} K={K} "
               f"H={H} I={I} {dtype} T={T} tokens/rank, median of {args.repeats}", flush=True)
         for r, m in enumerate(every):
+            other = m["total"] - sum(m[p] for p in PHASES)
             print(f"  rank {r}: total {m['total'] * 1e3:8.2f} ms = dispatch "
                   f"{m['dispatch'] * 1e3:7.2f} + experts {m['experts'] * 1e3:8.2f} + combine "
-                  f"{m['combine'] * 1e3:7.2f} (+ other {(m['total'] - sum(m[p] for p in PHASES)) * 1e3:.2f}); "
+                  f"{m['combine'] * 1e3:7.2f} (+ other {other * 1e3:.2f}); "
                   f"rows sent {m['rows_sent']} ({m['rows_sent'] * H * elt / 2**20:.2f} MiB), "
                   f"received {m['rows_received']}", flush=True)
         print(f"  step (slowest rank) {slowest['total'] * 1e3:.2f} ms: "

@@ -1,8 +1,8 @@
 """One rank of the expert-parallel tests (tests/test_distributed.py launches W of these).
 
-``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
-environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo group and writes
-``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the single-process result
+``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
+group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the single-process result
 (computed on every rank from the same seeds, over the tokens of all ranks) or an error.
 """
 
@@ -183,10 +183,15 @@ def run_layer_scenario(name, cfg, rank, world, seed):
 
 # ----------------------------------------------------------------------------- HF scenarios
 
-def run_hf_scenario(family, rank, world):
+def run_hf_scenario(family, rank, world, out_dir):
     import hf_tiny
 
+    from moeops.distributed import load_pretrained_expert_parallel
+
     model = hf_tiny.tiny_model(family, seed=3)
+    ckpt = os.path.join(out_dir, f"ckpt_{family}")
+    if rank == 0:  # hub layout: one tensor per expert and projection
+        model.save_pretrained(ckpt)
     # different prompts (and batch sizes) per rank; no early stop, so every rank runs the same
     # number of forwards (each forward is collective)
     ids, mask = hf_tiny.batch(seed=10 + rank, batch_size=1 + rank % 3, seq_len=9 + rank,
@@ -220,11 +225,19 @@ def run_hf_scenario(family, rank, world):
         ref = ref_grads[n]
         if ".experts." in n:
             dist.all_reduce(ref)
-            placement = model.get_submodule(n.rsplit(".", 1)[0])._moeops_ep[0]
+            placement = model.get_submodule(n.rsplit(".", 1)[0])._moeops_ep_shard[0]
             ref = ref[placement.local_experts(rank)]
             n_expert_grads += 1
         grad_err = max(grad_err, maxdiff(p.grad, ref))
     ep_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    # load the checkpoint straight into an expert-parallel model (a non-contiguous map): each
+    # rank reads only its experts' tensors
+    dist.barrier()
+    e2r = [(e + 1) % world for e in range(model.config.num_local_experts
+                                         if family == "mixtral" else model.config.num_experts)]
+    loaded = load_pretrained_expert_parallel(ckpt, expert_to_rank=e2r)
+    with torch.no_grad():
+        ep_loaded = loaded.generate(ids, attention_mask=mask, **gen)
     unpatch_refused = False
     try:
         moeops.unpatch(model)
@@ -237,7 +250,10 @@ def run_hf_scenario(family, rank, world):
             "expert_grads_checked": n_expert_grads,
             "params_full": full_params, "params_ep": ep_params,
             "expert_params_full": full_experts, "expert_params_ep": ep_experts,
-            "unpatch_refused": unpatch_refused}
+            "unpatch_refused": unpatch_refused,
+            "loaded_same": bool(torch.equal(ep_loaded, ref_hf)), "load": loaded._moeops_ep_load,
+            "loaded_local": loaded.model.layers[0].mlp.experts._moeops_ep_shard[0].local_experts(
+                rank)}
 
 
 def main():
@@ -259,7 +275,7 @@ def main():
             elif suite == "hf":
                 for family in ("mixtral", "qwen3_moe"):
                     try:
-                        results[family] = run_hf_scenario(family, rank, world)
+                        results[family] = run_hf_scenario(family, rank, world, out_dir)
                     except Exception:
                         results[family] = {"error": traceback.format_exc()}
                     dist.barrier()

@@ -71,7 +71,8 @@ def launch(suites: str, world: int, tmp_path) -> list[dict]:
         path = tmp_path / f"rank{r}.json"
         if p.returncode != 0 or not path.exists():
             pytest.fail(f"{suites} W={world}: rank {r} exited with {p.returncode} "
-                        f"(killed if still running after {LAUNCH_TIMEOUT_S} s); log tail:\n{text[-3000:]}")
+                        f"(killed if still running after {LAUNCH_TIMEOUT_S} s); log tail:\n"
+                        f"{text[-3000:]}")
         out.append(json.loads(path.read_text()))
     return out
 
@@ -128,15 +129,16 @@ def test_layer_matches_single_process(layer_results, name):
     """Outputs (with and without grad mode) and gradients of hidden, every expert tensor and the
     router equal the single-process layer's on every rank."""
     world, ranks = layer_results
-    tol = 1e-2 if name.startswith("bf16") else TOL  # bf16: one rounding of the output
+    bf16 = name.startswith("bf16")
+    tol = 1e-2 if bf16 else TOL  # bf16: one rounding of the output
     for r, res in enumerate(ranks):
         got = res[name]
         assert "error" not in got, f"rank {r}: {got.get('error')}"
         for key, val in got.items():
             if key == "out" or key.startswith("grad_") or key == "out_no_grad":
                 # bf16 gradients: the backward replays in fp32 and rounds once per tensor
-                assert val <= (5e-2 if name.startswith("bf16") and key.startswith("grad") else tol), \
-                    f"W={world} rank {r} {name}: {key} differs by {val}"
+                limit = 5e-2 if bf16 and key.startswith("grad") else tol
+                assert val <= limit, f"W={world} rank {r} {name}: {key} differs by {val}"
         # only non-empty slots are sent
         assert got["rows_sent"] == got["nonempty_slots"], (r, got)
     total_sent = sum(res[name]["rows_sent"] for res in ranks)
@@ -182,6 +184,12 @@ def test_hf_generation_identical(hf_results, family):
         assert got["expert_grads_checked"] == 4  # 2 layers x (gate_up_proj, down_proj)
         assert got["params_ep"] < got["params_full"]  # only local experts kept
         assert got["unpatch_refused"]
+        # load_pretrained_expert_parallel: same tokens, and only local experts' tensors read
+        # (8 experts x 3 projections x 2 layers in the checkpoint, map e -> (e + 1) % 2)
+        assert got["loaded_same"], (r, got)
+        assert got["loaded_local"] == [e for e in range(8) if (e + 1) % 2 == r]
+        assert got["load"]["expert_tensors_read"] == 4 * 3 * 2
+        assert got["load"]["expert_tensors_skipped"] == 4 * 3 * 2
     # the two ranks together hold every expert exactly once; nothing else changed size
     full = hf_results[0][family]["expert_params_full"]
     assert sum(res[family]["expert_params_ep"] for res in hf_results) == full
@@ -221,7 +229,8 @@ def test_shard_state_dict_tensor_and_safetensors(tmp_path):
         p = ExpertPlacement.make(5, 2, e2r)
         local = p.local_experts(rank)
         got = shard_state_dict(sd, 5, rank=rank, world_size=2, expert_to_rank=e2r)
-        assert torch.equal(got["layer.experts.gate_up_proj"], sd["layer.experts.gate_up_proj"][local])
+        assert torch.equal(got["layer.experts.gate_up_proj"],
+                           sd["layer.experts.gate_up_proj"][local])
         assert torch.equal(got["layer.experts.down_proj"], sd["layer.experts.down_proj"][local])
         assert got["layer.router.weight"] is sd["layer.router.weight"]  # replicated, untouched
     safetensors = pytest.importorskip("safetensors.torch")
@@ -232,7 +241,8 @@ def test_shard_state_dict_tensor_and_safetensors(tmp_path):
         for e2r in (None, [1, 0, 1, 0, 1]):
             got = shard_state_dict(f, 5, rank=1, world_size=2, expert_to_rank=e2r)
             local = ExpertPlacement.make(5, 2, e2r).local_experts(1)
-            assert torch.equal(got["layer.experts.down_proj"], sd["layer.experts.down_proj"][local])
+            assert torch.equal(got["layer.experts.down_proj"],
+                               sd["layer.experts.down_proj"][local])
             assert torch.equal(got["layer.router.weight"], sd["layer.router.weight"])
     with pytest.raises(KeyError, match="missing"):
         shard_state_dict(sd, 5, rank=0, world_size=2, keys=["missing"])

@@ -38,7 +38,7 @@ from moeops.ops import combine, fused_experts, permute, route_plan, topk_gating
 
 __all__ = [
     "ExpertPlacement", "ExpertParallelMoE", "ep_fused_experts", "patch_expert_parallel",
-    "shard_experts_module", "shard_state_dict", "PHASES",
+    "shard_experts_module", "shard_state_dict", "load_pretrained_expert_parallel", "PHASES",
 ]
 
 #: the phases timed by ``ep_fused_experts(..., timings=...)``
@@ -479,7 +479,7 @@ def _ep_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
 
     if getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True):
         raise _unsupported("transposed or interleaved expert weights are not supported yet")
-    placement, group, combine_dtype = self._moeops_ep
+    placement, group, combine_dtype = self._moeops_ep_shard
     ids = top_k_index.to(torch.int32)
     ids = torch.where((ids >= 0) & (ids < placement.num_experts), ids, -1)
     gated = getattr(self, "has_gate", True)
@@ -521,15 +521,15 @@ def patch_expert_parallel(model: torch.nn.Module, group=None, expert_to_rank=Non
         if block is not None and type(module).__name__ == block[0] and \
                 hf._is_patched_forward(module):
             del module.forward  # its fused shared-expert path reads all experts; HF's calls ours
-        elif isinstance(module, experts_cls) and not hasattr(module, "_moeops_ep"):
+        elif isinstance(module, experts_cls) and not hasattr(module, "_moeops_ep_shard"):
             E = (module.gate_up_proj if getattr(module, "has_gate", True)
                  else module.up_proj).shape[0]
             placement = ExpertPlacement.make(E, world, expert_to_rank)
             shard_experts_module(module, placement, rank)
-            module._moeops_ep = (placement, group, combine_dtype)
+            module._moeops_ep_shard = (placement, group, combine_dtype)
             module.forward = hf._PatchedForward(module, _ep_experts_forward)
             n += 1
-    if n == 0 and not any(hasattr(m, "_moeops_ep") for m in model.modules()):
+    if n == 0 and not any(hasattr(m, "_moeops_ep_shard") for m in model.modules()):
         raise ValueError(f"moeops.patch: no {model_type} experts module to shard in this model")
     model._moeops_ep = True
     return model
@@ -538,3 +538,148 @@ def patch_expert_parallel(model: torch.nn.Module, group=None, expert_to_rank=Non
 def is_expert_parallel(model: torch.nn.Module) -> bool:
     """True if :func:`patch_expert_parallel` sharded ``model``."""
     return bool(getattr(model, "_moeops_ep", False))
+
+
+# ----------------------------------------------------------------------------- loading
+
+# Checkpoint layout of each family's experts (Hugging Face hub format: one tensor per expert and
+# projection), and the renames between checkpoint keys and transformers 5.x module names.
+_CKPT_EXPERT_NAMES = {  # model_type -> (gate, up, down) per-expert weight names
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+}
+_CKPT_RENAMES = {"mixtral": ((".block_sparse_moe.", ".mlp."),)}
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"moeops: no model.safetensors(.index.json) in {path!r} (a local "
+                            "directory of a safetensors checkpoint is needed)")
+
+
+def load_pretrained_expert_parallel(path: str, group=None, expert_to_rank=None, *,
+                                    dtype: torch.dtype | None = None, model_class=None,
+                                    combine_dtype: torch.dtype | None = None,
+                                    **config_kwargs) -> torch.nn.Module:
+    """Load a Hugging Face MoE checkpoint (a local safetensors directory, hub layout: one tensor
+    per expert) straight into an expert-parallel model: each rank reads the non-expert tensors
+    and *only its own experts' tensors*; no rank ever holds all experts.
+
+    The model is built from its config with the experts modules on the meta device (no memory),
+    patched and sharded as :func:`patch_expert_parallel` does, then filled from the checkpoint:
+    each local expert's ``gate``/``up``/``down`` tensors are read and stacked into the local
+    ``gate_up_proj`` / ``down_proj``; other experts' tensors are skipped unread. ``dtype``
+    converts every tensor (default: as stored). ``model_class`` defaults to
+    ``transformers.AutoModelForCausalLM``; ``config_kwargs`` go to ``AutoConfig.from_pretrained``.
+    Supports the transformers 5.x model types of :mod:`moeops.integrations.hf` (gated experts
+    without biases). Returns the model in eval mode; ``model._moeops_ep_load`` counts what was
+    read (``expert_tensors_read``, ``expert_tensors_skipped``, ``other_tensors``).
+    """
+    import re
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from moeops.integrations import hf
+
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    model_type = config.model_type
+    if model_type not in _CKPT_EXPERT_NAMES:
+        raise hf._unsupported(f"model type {model_type!r} has no expert-parallel loader")
+    _, experts_cls = hf._classes(model_type)
+    rank, world = _group_info(group)
+
+    original_init = experts_cls.__init__
+
+    def meta_init(self, *args, **kwargs):  # the experts' stacked tensors: shapes only
+        with torch.device("meta"):
+            original_init(self, *args, **kwargs)
+
+    experts_cls.__init__ = meta_init
+    try:
+        model = model_class.from_config(config)
+    finally:
+        experts_cls.__init__ = original_init
+    if dtype is not None:
+        model = model.to(dtype)
+    patch_expert_parallel(model, group, expert_to_rank, combine_dtype=combine_dtype)
+
+    gate_n, up_n, down_n = _CKPT_EXPERT_NAMES[model_type]
+    pattern = re.compile(r"^(.*\.experts)\.(\d+)\.(" + "|".join((gate_n, up_n, down_n))
+                         + r")\.weight$")
+    experts_modules = {name: m for name, m in model.named_modules()
+                       if hasattr(m, "_moeops_ep_shard")}
+    local_index = {
+        name: {e: i for i, e in enumerate(m._moeops_ep_shard[0].local_experts(rank))}
+        for name, m in experts_modules.items()}
+    parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {n: {} for n in experts_modules}
+    state, read, skipped = {}, 0, 0
+    for file in _checkpoint_files(path):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                name = key
+                for old, new in _CKPT_RENAMES.get(model_type, ()):
+                    name = name.replace(old, new)
+                m = pattern.match(name)
+                if m is None:
+                    t = f.get_tensor(key)
+                    state[name] = t.to(dtype) if dtype is not None else t
+                    continue
+                module, e, proj = m.group(1), int(m.group(2)), m.group(3)
+                if module not in experts_modules:
+                    raise KeyError(f"moeops: checkpoint key {key!r} names experts module "
+                                   f"{module!r}, which this model does not have")
+                i = local_index[module].get(e)
+                if i is None:
+                    skipped += 1
+                    continue
+                t = f.get_tensor(key)
+                parts[module][(i, proj)] = t.to(dtype) if dtype is not None else t
+                read += 1
+    for module, got in parts.items():
+        n_local = len(local_index[module])
+        missing = [(i, p) for i in range(n_local) for p in (gate_n, up_n, down_n)
+                   if (i, p) not in got]
+        if missing:
+            raise KeyError(f"moeops: the checkpoint lacks local expert tensors of {module}: "
+                           f"(local index, projection) {missing[:4]}")
+        mod = experts_modules[module]
+        if n_local:
+            state[module + ".gate_up_proj"] = torch.stack(
+                [torch.cat([got[(i, gate_n)], got[(i, up_n)]]) for i in range(n_local)])
+            state[module + ".down_proj"] = torch.stack([got[(i, down_n)] for i in range(n_local)])
+        else:  # nothing local: empty tensors of the right trailing shape
+            for p in ("gate_up_proj", "down_proj"):
+                ref = getattr(mod, p)
+                state[module + "." + p] = torch.empty(ref.shape, dtype=dtype or ref.dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False) or getattr(
+            getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
+        model.tie_weights()
+        tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"moeops: checkpoint and model do not match: missing {missing[:6]}, "
+                       f"unexpected {result.unexpected_keys[:6]}")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"moeops: parameters left unloaded: {meta[:6]}")
+    model._moeops_ep_load = {"expert_tensors_read": read, "expert_tensors_skipped": skipped,
+                             "other_tensors": len(state) - 2 * len(parts)}
+    return model.eval()
