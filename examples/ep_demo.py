@@ -9,7 +9,7 @@ experts' rows from it (``ExpertParallelMoE.from_state_dict`` on ``safe_open``), 
 a backward on its own tokens, and checks its output and gradients against the single-process
 layer. The benchmark generates each rank's experts directly (no full copy anywhere) on a real
 layer shape (default Qwen3-30B-A3B: E=128, K=8, H=2048, I=768, bf16) and reports tokens/s and the
-split dispatch / experts / combine (median over repeats, slowest rank). See docs/distributed.md.
+split dispatch / experts / combine (of the median step, per rank). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ def parse_args():
     p.add_argument("--intermediate", type=int, default=None, help="I (demo 32, bench 768)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (demo 16, bench 128)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (demo float32, bench bf16)")
-    p.add_argument("--repeats", type=int, default=7, help="timed forwards (bench)")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed forwards (bench); each rank reports its median step")
+    p.add_argument("--fp32-return", action="store_true",
+                   help="bench: expert outputs travel back in fp32 (combine_dtype=torch.float32)")
+    p.add_argument("--sync-phases", action="store_true",
+                   help="bench: barrier before each exchange; waiting for the slowest rank is "
+                        "reported as 'wait' instead of inside dispatch/combine")
     p.add_argument("--single", action="store_true",
                    help="bench: also time the single-process layer on rank 0 (all ranks' tokens, "
                         "all experts) for comparison")
@@ -144,7 +150,9 @@ def bench(args, rank, world, device):
     router = torch.randn(E, H, generator=torch.Generator().manual_seed(7)) * 0.05
     w_up, w_down = local_expert_weights(placement, rank, H, I, dtype, device)
     layer = ExpertParallelMoE(router.to(device), w_up, w_down, K, placement=placement,
-                              renormalize=True).requires_grad_(False)
+                              renormalize=True,
+                              combine_dtype=torch.float32 if args.fp32_return else None
+                              ).requires_grad_(False)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)).to(dtype).to(device)
     steps = []
     with torch.no_grad():
@@ -152,14 +160,15 @@ def bench(args, rank, world, device):
             dist.barrier()
             t = {}
             t0 = time.perf_counter()
-            layer(x, timings=t)
+            layer(x, timings=t, sync_phases=args.sync_phases)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t["total"] = time.perf_counter() - t0
             if i:
                 steps.append(t)
-    med = {k: statistics.median(s[k] for s in steps) for k in PHASES + ("total",)}
-    med["rows_sent"], med["rows_received"] = steps[0]["rows_sent"], steps[0]["rows_received"]
+    for st in steps:
+        st.setdefault("wait", 0.0)
+    med = sorted(steps, key=lambda s: s["total"])[len(steps) // 2]  # the median step's split
     every = [None] * world
     dist.all_gather_object(every, med)
     if rank == 0:
@@ -167,12 +176,14 @@ def bench(args, rank, world, device):
         slowest = max(every, key=lambda m: m["total"])
         print(f"expert parallelism, {world} ranks ({args.backend}, {device.type}, "
               f"{args.threads if device.type == 'cpu' else '-'} thread(s)/rank): E={E} K={K} "
-              f"H={H} I={I} {dtype} T={T} tokens/rank, median of {args.repeats}", flush=True)
+              f"H={H} I={I} {dtype} T={T} tokens/rank, expert outputs back in "
+              f"{'fp32' if args.fp32_return else dtype}, median of {args.repeats}", flush=True)
         for r, m in enumerate(every):
             other = m["total"] - sum(m[p] for p in PHASES)
             print(f"  rank {r}: total {m['total'] * 1e3:8.2f} ms = dispatch "
                   f"{m['dispatch'] * 1e3:7.2f} + experts {m['experts'] * 1e3:8.2f} + combine "
-                  f"{m['combine'] * 1e3:7.2f} (+ other {other * 1e3:.2f}); "
+                  f"{m['combine'] * 1e3:7.2f} + wait {m['wait'] * 1e3:6.2f} "
+                  f"(+ other {other * 1e3:.2f}); "
                   f"rows sent {m['rows_sent']} ({m['rows_sent'] * H * elt / 2**20:.2f} MiB), "
                   f"received {m['rows_received']}", flush=True)
         print(f"  step (slowest rank) {slowest['total'] * 1e3:.2f} ms: "

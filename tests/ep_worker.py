@@ -1,7 +1,7 @@
 """One rank of the expert-parallel tests (tests/test_distributed.py launches W of these).
 
-``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
+``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
 group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the single-process result
 (computed on every rank from the same seeds, over the tokens of all ranks) or an error.
 """
@@ -172,7 +172,10 @@ def run_layer_scenario(name, cfg, rank, world, seed):
     # rows this rank sent and received, and the non-empty slots of its tokens
     t = {}
     with torch.no_grad():
-        layer(xs[rank], mask=m, mask_mode=mode, timings=t)
+        out_sync = layer(xs[rank], mask=m, mask_mode=mode, timings=t, sync_phases=True)
+    res["out_sync_phases"] = maxdiff(out_sync, ref_out[sl])
+    res["phases"] = sorted(k for k, v in t.items() if isinstance(v, float) and v >= 0)
+    with torch.no_grad():
         logits = torch.nn.functional.linear(xs[rank], layer.router_weight.to(xs[rank].dtype))
         r = moeops.topk_gating(logits, cfg["K"], bias=full.get("gating_bias"), mask=m,
                                mask_mode=mode, **gating_kwargs(cfg))

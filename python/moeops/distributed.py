@@ -41,8 +41,9 @@ __all__ = [
     "shard_experts_module", "shard_state_dict", "load_pretrained_expert_parallel", "PHASES",
 ]
 
-#: the phases timed by ``ep_fused_experts(..., timings=...)``
-PHASES = ("dispatch", "experts", "combine")
+#: the phases timed by ``ep_fused_experts(..., timings=...)`` (``wait`` only with
+#: ``sync_phases=True``)
+PHASES = ("dispatch", "experts", "combine", "wait")
 
 
 # ----------------------------------------------------------------------------- placement
@@ -188,7 +189,7 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
                      b_down: torch.Tensor | None = None, *, activation: str = "silu",
                      gated: bool = True, gain: torch.Tensor | None = None,
                      combine_dtype: torch.dtype | None = None,
-                     timings: dict | None = None) -> torch.Tensor:
+                     timings: dict | None = None, sync_phases: bool = False) -> torch.Tensor:
     """:func:`moeops.fused_experts` with the experts sharded over the ranks of ``group``.
 
     Called on every rank of ``group`` (collective; ``None`` = the default group) with that
@@ -206,6 +207,8 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     seconds per phase: ``dispatch`` (plan, permute, both exchanges out), ``experts``,
     ``combine`` (exchange back and weighted sum), and counts ``rows_sent`` /
     ``rows_received`` (rows of ``H`` values each way; padding and empty slots are never sent).
+    ``sync_phases`` (benchmarks only) adds a barrier before each row exchange, timed as
+    ``wait``, so time spent waiting for slower ranks is not counted as exchange time.
     """
     rank, world = _group_info(group)
     if placement.world_size != world:
@@ -241,6 +244,10 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     per_expert = torch.diff(plan.offsets).to(torch.int64)  # rows per expert, rank-major order
     R = int(plan.offsets[-1])
     rows = permute(hidden, plan.sorted_slots[:R], K)
+    if sync_phases:
+        timer.lap("dispatch")
+        dist.barrier(group=group)
+        timer.lap("wait")
     # 2. counts: rank d receives my counts of its experts; I receive [W, n_local]
     recv_counts = per_expert.new_empty(world * n_local)
     dist.all_to_all_single(recv_counts, per_expert, [n_local] * world, n_per_rank, group=group)
@@ -269,6 +276,9 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     timer.lap("experts")
 
     # 5. rows back (reversed splits), 6. weighted fp32 combine in slot order
+    if sync_phases:
+        dist.barrier(group=group)
+        timer.lap("wait")
     back = _exchange(y, recv_splits, send_splits, group, anchor)
     out = combine(back, weights.float(), plan.inverse)
     timer.lap("combine")
@@ -431,11 +441,11 @@ class ExpertParallelMoE(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, *, mask: torch.Tensor | None = None,
                 mask_mode: str = "reroute", forced: torch.Tensor | None = None,
-                timings: dict | None = None) -> torch.Tensor:
+                timings: dict | None = None, sync_phases: bool = False) -> torch.Tensor:
         """``hidden [..., H] -> [..., H]`` for this rank's tokens (collective over the group).
         ``mask``/``mask_mode``/``forced`` go to :func:`moeops.topk_gating` (masked or dropped
-        slots send nothing). ``timings``: see :func:`ep_fused_experts` (gating counts as
-        ``dispatch``)."""
+        slots send nothing). ``timings``, ``sync_phases``: see :func:`ep_fused_experts` (gating
+        counts as ``dispatch``)."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         t0 = time.perf_counter()
@@ -447,7 +457,8 @@ class ExpertParallelMoE(torch.nn.Module):
         out = ep_fused_experts(x, r.ids, r.weights, self.w_up, self.w_down, self.placement,
                                self.group, self.b_up, self.b_down, activation=self.activation,
                                gated=self.gated, gain=self.gain,
-                               combine_dtype=self.combine_dtype, timings=timings)
+                               combine_dtype=self.combine_dtype, timings=timings,
+                               sync_phases=sync_phases)
         return out.reshape(shape)
 
 
