@@ -302,3 +302,83 @@ def test_drop_renorm_gradient_finite_when_every_slot_is_dropped():
     r.weights.sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[0] == 0).all()
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-rank gloo group in this process (destroyed afterwards)."""
+    if torch.distributed.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _layer_inputs(E=5, K=2, H=8, I=4, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(E, H, generator=g), torch.randn(E, 2 * I, H, generator=g) * 0.3,
+            torch.randn(E, H, I, generator=g) * 0.3, torch.randn(T, H, generator=g))
+
+
+def test_one_rank_equals_fused_experts(world_of_one):
+    """W=1: every expert local, the exchanges are local copies; same output and gradients."""
+    router, w_up, w_down, x = _layer_inputs()
+    layer = moeops.distributed.ExpertParallelMoE.from_full(router, w_up, w_down, 2,
+                                                           renormalize=True)
+    xe = x.clone().requires_grad_(True)
+    out = layer(xe.view(2, 3, -1))  # any leading shape
+    assert out.shape == (2, 3, 8)
+    out.square().sum().backward()
+    xr, wu = x.clone().requires_grad_(True), w_up.clone().requires_grad_(True)
+    r = moeops.topk_gating(xr @ router.t(), 2, renormalize=True)
+    ref = moeops.fused_experts(xr, r.ids, r.weights, wu, w_down)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.view(6, 8), ref, rtol=0, atol=0)
+    torch.testing.assert_close(xe.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.w_up.grad, wu.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_ep_errors_name_the_argument(world_of_one):
+    from moeops.distributed import ep_fused_experts
+    router, w_up, w_down, x = _layer_inputs()
+    p1 = ExpertPlacement.contiguous(5, 1)
+    ids = torch.zeros(6, 2, dtype=torch.int32)
+    w = torch.ones(6, 2)
+    with pytest.raises(ValueError, match="placement is for 2 ranks"):
+        ep_fused_experts(x, ids, w, w_up, w_down, ExpertPlacement.contiguous(5, 2))
+    with pytest.raises(ValueError, match="hidden must be"):
+        ep_fused_experts(x[0], ids, w, w_up, w_down, p1)
+    with pytest.raises(ValueError, match="ids and weights"):
+        ep_fused_experts(x, ids[:3], w, w_up, w_down, p1)
+    with pytest.raises(ValueError, match="owns 5 experts"):
+        ep_fused_experts(x, ids, w, w_up[:4], w_down, p1)
+    with pytest.raises(ValueError, match=r"ids must be in \[-1, 5\)"):
+        ep_fused_experts(x, ids + 5, w, w_up, w_down, p1)
+    with pytest.raises(ValueError, match="router_weight"):
+        moeops.distributed.ExpertParallelMoE(router[:3], w_up, w_down, 2, placement=p1)
+    with pytest.raises(ValueError, match="must be stacked per expert"):
+        moeops.distributed.ExpertParallelMoE.from_full(router, w_up, w_down[:4], 2)
+    with pytest.raises(KeyError, match="w_down"):
+        moeops.distributed.ExpertParallelMoE.from_state_dict(
+            {"router_weight": router, "w_up": w_up}, 2)
+
+
+def test_from_state_dict_roundtrip_through_safetensors(world_of_one, tmp_path):
+    """A layer's state_dict saved to safetensors and read back lazily gives the same layer."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+    router, w_up, w_down, x = _layer_inputs(seed=1)
+    g = torch.Generator().manual_seed(2)
+    b_up, b_down = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    layer = moeops.distributed.ExpertParallelMoE.from_full(
+        router, w_up, w_down, 2, b_up=b_up, b_down=b_down, scoring="sigmoid",
+        gating_bias=torch.randn(5, generator=g))
+    safetensors.save_file({"moe." + k: v for k, v in layer.state_dict().items()},
+                          str(tmp_path / "l.safetensors"))
+    with safe_open(str(tmp_path / "l.safetensors"), "pt") as f:
+        again = moeops.distributed.ExpertParallelMoE.from_state_dict(
+            f, 2, prefix="moe.", scoring="sigmoid")
+    assert torch.equal(again.gating_bias, layer.gating_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
