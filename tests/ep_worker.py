@@ -186,6 +186,9 @@ def run_layer_scenario(name, cfg, rank, world, seed):
 
 # ----------------------------------------------------------------------------- HF scenarios
 
+HF_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3")
+
+
 def run_hf_scenario(family, rank, world, out_dir):
     import hf_tiny
 
@@ -236,8 +239,9 @@ def run_hf_scenario(family, rank, world, out_dir):
     # load the checkpoint straight into an expert-parallel model (a non-contiguous map): each
     # rank reads only its experts' tensors
     dist.barrier()
-    e2r = [(e + 1) % world for e in range(model.config.num_local_experts
-                                         if family == "mixtral" else model.config.num_experts)]
+    experts = [m for m in model.modules() if hasattr(m, "_moeops_ep_shard")]
+    E = experts[0]._moeops_ep_shard[0].num_experts
+    e2r = [(e + 1) % world for e in range(E)]
     loaded = load_pretrained_expert_parallel(ckpt, expert_to_rank=e2r)
     with torch.no_grad():
         ep_loaded = loaded.generate(ids, attention_mask=mask, **gen)
@@ -255,8 +259,9 @@ def run_hf_scenario(family, rank, world, out_dir):
             "expert_params_full": full_experts, "expert_params_ep": ep_experts,
             "unpatch_refused": unpatch_refused,
             "loaded_same": bool(torch.equal(ep_loaded, ref_hf)), "load": loaded._moeops_ep_load,
-            "loaded_local": loaded.model.layers[0].mlp.experts._moeops_ep_shard[0].local_experts(
-                rank)}
+            "loaded_local": [m._moeops_ep_shard[0].local_experts(rank)
+                             for m in loaded.modules() if hasattr(m, "_moeops_ep_shard")],
+            "num_experts": E, "moe_layers": len(experts)}
 
 
 def main():
@@ -276,7 +281,7 @@ def main():
                         results[name] = {"error": traceback.format_exc()}
                     dist.barrier()
             elif suite == "hf":
-                for family in ("mixtral", "qwen3_moe"):
+                for family in HF_FAMILIES:
                     try:
                         results[family] = run_hf_scenario(family, rank, world, out_dir)
                     except Exception:
