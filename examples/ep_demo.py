@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 2 examples/ep_demo.py            # demo + correctness check
     torchrun --nproc-per-node 2 examples/ep_demo.py --bench    # tokens/s, time per phase
 
+(with this moeops importable: installed, or ``PYTHONPATH=python`` in a source checkout).
+
 Uses gloo on CPU (``--backend nccl --device cuda`` on GPUs: one GPU per rank). The demo writes
 the layer's full weights to a safetensors file on rank 0, then every rank reads only its own
 experts' rows from it (``ExpertParallelMoE.from_state_dict`` on ``safe_open``), runs a forward and
@@ -110,12 +112,14 @@ def demo(args, rank, world, device):
     # this rank's expert gradient covers every rank's tokens: sum the reference over ranks
     gw = wu.grad.clone()
     dist.all_reduce(gw)
-    err_out = (out - ref).abs().max().item()
-    err_gx = (x.grad - xr.grad).abs().max().item()
-    err_gw = (layer.w_up.grad - gw[layer.local_experts]).abs().max().item() \
-        if layer.local_experts else 0.0
+    def err(a, b):  # max |a - b| / (1 + |b|)
+        return ((a.float() - b.float()).abs() / (1 + b.float().abs())).max().item() \
+            if a.numel() else 0.0
+
+    err_out, err_gx = err(out, ref), err(x.grad, xr.grad)
+    err_gw = err(layer.w_up.grad, gw[layer.local_experts])
     print(f"rank {rank}: T={x.shape[0]} sent {timings['rows_sent']} rows, received "
-          f"{timings['rows_received']}; max |diff| vs single process: out {err_out:.2e}, "
+          f"{timings['rows_received']}; max |diff|/(1+|ref|) vs single process: out {err_out:.2e}, "
           f"grad hidden {err_gx:.2e}, grad w_up {err_gw:.2e}", flush=True)
     dist.barrier()
     if rank == 0:

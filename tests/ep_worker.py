@@ -1,9 +1,10 @@
 """One rank of the expert-parallel tests (tests/test_distributed.py launches W of these).
 
-``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
-group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the single-process result
-(computed on every rank from the same seeds, over the tokens of all ranks) or an error.
+``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
+group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the
+single-process result (computed on every rank from the same seeds, over the tokens of all
+ranks) or an error.
 """
 
 from __future__ import annotations
