@@ -220,6 +220,7 @@ def run_hf_scenario(family, rank, world, out_dir):
         full_params = sum(p.numel() for p in model.parameters())
         full_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         moeops.patch(model, ep_group="world")
+        moeops.patch(model, ep_group="world")  # idempotent: shards once
         ep = model.generate(ids, attention_mask=mask, **gen)
         logits_ep = model(ids, attention_mask=mask).logits
     ep_params = sum(p.numel() for p in model.parameters())
