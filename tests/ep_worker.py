@@ -59,6 +59,13 @@ def scenarios(world: int) -> dict:
                                 topk_group=2, renormalize=True, routed_scaling_factor=2.5,
                                 gating_bias=True),
         # bf16 activations/weights; expert outputs return in fp32 (combine_dtype)
+        # bf16 with the expert outputs returned in bf16 (the default)
+        "bf16": dict(E=8, K=2, tokens=[5, 7, 6], dtype=torch.bfloat16),
+        # inputs that do not require grad (only the router and experts do), with a rank that
+        # owns no expert: every rank must still run both backward exchanges
+        "hidden_without_grad": dict(E=8, K=2, tokens=[6, 5, 4], hidden_grad=False,
+                                    expert_to_rank=[(e * 5) % max(world - 1, 1)
+                                                    for e in range(8)]),
         "bf16_fp32_return": dict(E=8, K=2, tokens=[8, 6, 7], dtype=torch.bfloat16,
                                  combine_dtype=torch.float32),
     }
@@ -147,7 +154,7 @@ def run_layer_scenario(name, cfg, rank, world, seed):
         b_up=full.get("b_up"), b_down=full.get("b_down"), gain=full.get("gain"),
         gating_bias=full.get("gating_bias"), combine_dtype=cfg.get("combine_dtype"),
         **gating_kwargs(cfg), **expert_kwargs(cfg))
-    x = xs[rank].clone().requires_grad_(True)
+    x = xs[rank].clone().requires_grad_(cfg.get("hidden_grad", True))
     m, mode = masks[rank] if masks is not None else (None, "reroute")
     out = layer(x, mask=m, mask_mode=mode)
     (out.float() * grads[rank].float()).sum().backward()
@@ -159,7 +166,9 @@ def run_layer_scenario(name, cfg, rank, world, seed):
     sl = slice(lo, lo + tokens[rank])
     local = placement.local_experts(rank)
     res = {"out": maxdiff(out.detach(), ref_out[sl]), "out_no_grad": maxdiff(out_ng, ref_out[sl]),
-           "grad_hidden": maxdiff(x.grad, ref_gx[sl]), "local_experts": local}
+           "local_experts": local}
+    if x.requires_grad:
+        res["grad_hidden"] = maxdiff(x.grad, ref_gx[sl])
     for k in ("w_up", "w_down", "b_up", "b_down"):
         param = getattr(layer, k)
         if param is None:

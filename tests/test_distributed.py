@@ -121,7 +121,7 @@ def hf_results(launches):
 
 LAYER_SCENARIOS = ["contiguous", "uneven_bias_gain", "user_map", "masked_drop",
                    "masked_drop_renorm", "no_tokens_rank1", "only_rank0_experts",
-                   "sigmoid_grouped", "bf16_fp32_return"]
+                   "sigmoid_grouped", "bf16", "hidden_without_grad", "bf16_fp32_return"]
 
 
 @pytest.mark.parametrize("name", LAYER_SCENARIOS)
