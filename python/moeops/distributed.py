@@ -306,7 +306,9 @@ def _local_rows(t, name: str, placement: ExpertPlacement, rank: int) -> torch.Te
         part = t.index_select(0, torch.tensor(local, device=t.device))
     else:
         part = torch.cat([t[e:e + 1] for e in local])
-    return part.detach().clone().contiguous() if isinstance(part, torch.Tensor) else part
+    if not isinstance(t, torch.Tensor):  # read from the file: already a new tensor
+        return part.contiguous()
+    return part.detach().clone(memory_format=torch.contiguous_format)
 
 
 def shard_state_dict(state_dict, num_experts: int, *, rank: int, world_size: int,
