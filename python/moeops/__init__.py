@@ -28,15 +28,28 @@ from moeops.ops import (  # noqa: E402
 __version__ = "0.1.0"
 
 
-def patch(model):
+def patch(model, *, ep_group=None, expert_to_rank=None):
     """Run a Hugging Face MoE model's routers and experts on moeops (in place, no weight copies).
-    See :mod:`moeops.integrations.hf`."""
+    See :mod:`moeops.integrations.hf`. With ``ep_group`` (a ``torch.distributed`` process group,
+    or ``"world"`` for the default one) the experts are also sharded over the group's ranks
+    (expert parallelism, optional ``expert_to_rank`` map): see
+    :func:`moeops.distributed.patch_expert_parallel`."""
+    if ep_group is not None:
+        from moeops import distributed
+        return distributed.patch_expert_parallel(
+            model, None if isinstance(ep_group, str) and ep_group == "world" else ep_group,
+            expert_to_rank)
+    if expert_to_rank is not None:
+        raise ValueError("moeops.patch: expert_to_rank needs ep_group")
     from moeops.integrations import hf
     return hf.patch(model)
 
 
 def unpatch(model):
-    """Undo :func:`patch`."""
+    """Undo :func:`patch` (not possible for an expert-parallel model: its experts are sharded)."""
+    if getattr(model, "_moeops_ep", False):
+        raise ValueError("moeops.unpatch: this model was patched with ep_group and each rank now "
+                         "holds only its own experts; reload it instead")
     from moeops.integrations import hf
     return hf.unpatch(model)
 

@@ -281,6 +281,14 @@ def _inverse_from_sorted(sorted_slots: torch.Tensor, num_slots: int) -> torch.Te
     return inverse
 
 
+def _rows_of_slots(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[T*K, H]``: the row of each slot, zeros for empty slots (safe when T or R is 0)."""
+    out = torch.zeros((inverse.numel(), rows.shape[1]), dtype=torch.float32, device=rows.device)
+    valid = inverse >= 0
+    out[valid] = rows.float()[inverse[valid].long()]
+    return out
+
+
 def _permute_setup(ctx, inputs, output):
     hidden, sorted_slots, top_k, slot_scale = inputs
     ctx.top_k = top_k
@@ -298,7 +306,7 @@ def _permute_backward(ctx, grad_rows):
             torch.ones(T, K, dtype=torch.float32, device=hidden.device)
         grad_hidden = _ops.combine(grad_rows.contiguous(), w.contiguous(), inverse)
     if ctx.has_scale and ctx.needs_input_grad[3]:
-        rows = grad_rows.float()[inverse.long().clamp(min=0)]  # [T*K, H]
+        rows = _rows_of_slots(grad_rows, inverse)  # [T*K, H]
         tok = hidden.float().repeat_interleave(K, dim=0)
         grad_scale = torch.where(inverse >= 0, (rows * tok).sum(-1), 0.0)
     return grad_hidden, None, None, grad_scale
@@ -321,7 +329,7 @@ def _combine_backward(ctx, grad_out):
         grad_x = _ops.permute(grad_out.contiguous(), sorted_slots, K,
                               weights.reshape(-1).contiguous())
     if ctx.needs_input_grad[1]:
-        rows = expert_out.float()[inverse.long().clamp(min=0)].view(T, K, -1)
+        rows = _rows_of_slots(expert_out, inverse).view(T, K, expert_out.shape[1])
         dots = (rows * grad_out.float().unsqueeze(1)).sum(-1)
         grad_w = torch.where(inverse.view(T, K) >= 0, dots, 0.0)
     return grad_x, grad_w, None

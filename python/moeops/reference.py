@@ -133,8 +133,10 @@ def topk_gating(
         ids = torch.where(hit, -1, ids)
         if mask_mode == "drop_renorm":
             after = w.sum(-1, keepdim=True)
-            # w / after <= 1 first: before / after overflows for denormal survivors
-            w = torch.where(after > 0, w / after * before, w)
+            # w / after <= 1 first: before / after overflows for denormal survivors. A row with
+            # no survivor divides by 1 instead of 0 (its branch is unused, but 0/0 would make
+            # the gradient NaN through torch.where)
+            w = torch.where(after > 0, w / torch.where(after > 0, after, 1.0) * before, w)
 
     ids = ids.to(torch.int32)
     probs = scores if return_probs else scores.new_empty(0)
