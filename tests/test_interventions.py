@@ -714,3 +714,48 @@ def test_router_probabilities(family):
         torch.testing.assert_close(r["mean_prob"][j], sums[i] / rec[i], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(r["frequency"][j], counts[i].float() / rec[i])
         assert r["top"][j] == (i, int((sums[i] / rec[i]).argmax()))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_profile_cli_with_config_and_prompts(tmp_path):
+    import json
+
+    from moeops.cli import main
+
+    cfg = tiny_config("mixtral").to_dict()
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(cfg))
+    prompts = {"x": [[1, 5, 9, 20], [1, 7, 7]], "y": [[1, 100, 101, 102, 103], "hello"]}
+    p_path = tmp_path / "prompts.json"
+    p_path.write_text(json.dumps(prompts))
+    out_json, out_png = tmp_path / "s.json", tmp_path / "h.png"
+    assert main(["profile", "--model-config", str(cfg_path), "--prompts", str(p_path),
+                 "--json", str(out_json), "--png", str(out_png)]) == 0
+    r = json.loads(out_json.read_text())
+    n_tok = 4 + 3 + 5 + len("hello")
+    assert r["model_type"] == "mixtral" and r["layers"] == [0, 1] and r["tokens"] == n_tok
+    counts = torch.tensor(r["counts"])
+    assert counts.shape == (2, 8) and (counts.sum(1) == n_tok * 2).all()
+    torch.testing.assert_close(torch.tensor(r["frequency"]), counts.float() / n_tok)
+    assert set(r["class_frequency"]) == {"x", "y"}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_cli_builtin_and_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from moeops.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out_json, out_png = tmp_path / "s.json", tmp_path / "h.png"
+    assert main(["profile", "--json", str(out_json), "--png", str(out_png)]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not out_png.exists()
+    r = json.loads(out_json.read_text())
+    assert r["model_type"] == "qwen3_moe" and len(r["layers"]) == 4 and r["num_experts"] == 16
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"x": [[1, 999]]}))
+    with pytest.raises(SystemExit, match="outside the vocabulary"):
+        main(["profile", "--prompts", str(bad), "--json", str(out_json), "--png", ""])
