@@ -206,7 +206,8 @@ class _LayerState:
         forced = self.forced
         if self.forced_ids is not None:
             fid = self.forced_ids.to(device=logits.device).long()
-            forced_t = F.one_hot(fid.clamp(min=0), E).bool() & (fid >= 0).unsqueeze(1)
+            forced_t = torch.zeros(fid.shape[0], E, dtype=torch.bool, device=logits.device)
+            forced_t.scatter_(1, fid.clamp(min=0).unsqueeze(1), (fid >= 0).unsqueeze(1))
             forced = forced_t if forced is None else (forced_t | forced)
         post = self.rank_groups is not None or self.top_p is not None
         if self.rank_groups is not None:
@@ -909,14 +910,11 @@ def _contrast_forward(model, input_ids, strong_ranks, weak_ranks, attention_mask
     _sync(model)
     try:
         ids2 = torch.cat([input_ids, input_ids])
-        kw = dict(use_cache=past_key_values is not None or None)
+        kw = dict(use_cache=past_key_values is not None)
         if attention_mask is not None:
             kw["attention_mask"] = torch.cat([attention_mask, attention_mask])
         if past_key_values is not None:
             kw["past_key_values"] = past_key_values
-            kw["use_cache"] = True
-        else:
-            kw["use_cache"] = False
         out = model(input_ids=ids2, **kw)
     finally:
         for i, st in states.items():
