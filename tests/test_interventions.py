@@ -482,7 +482,8 @@ def test_masked_experts_are_not_computed():
 
 def test_interventions_survive_torch_compile():
     model = patched("qwen2_moe")
-    iv.set_intervention(model, mask=[1, 6], mask_mode="drop_renorm", gain=torch.linspace(0.5, 1.5, 8))
+    iv.set_intervention(model, mask=[1, 6], mask_mode="drop_renorm",
+                        gain=torch.linspace(0.5, 1.5, 8))
     iv.enable_stats(model, "weights")
     eager = _logits(model)
     s_eager = iv.read_stats(model)

@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -402,7 +402,8 @@ def enable_stats(model, level: str = "weights", layers=None) -> None:
     """Switch statistics collection on (``level`` in :data:`STATS_LEVELS`, cumulative) for the
     given MoE layers (default all), with zeroed accumulators."""
     if level not in STATS_LEVELS:
-        raise ValueError(f"moeops.interventions: level must be one of {STATS_LEVELS}, got {level!r}")
+        raise ValueError(f"moeops.interventions: level must be one of {STATS_LEVELS}, got "
+                         f"{level!r}")
     states = _states(model)
     for i in _select_layers(model, layers):
         st = states[i]
@@ -704,7 +705,7 @@ def expert_activation_profile(model, prompts_by_class: dict[str, Sequence], top_
         others = [g for c, g in freq.items() if c != cls]
         d = f - torch.stack(others).mean(0) if others else f.clone()
         dist[cls] = d
-        vals, flat = d.reshape(-1).topk(min(top_n, d.numel()))
+        _, flat = d.reshape(-1).topk(min(top_n, d.numel()))
         E = d.shape[1]
         top[cls] = [(layers[int(j) // E], int(j) % E) for j in flat]
     return ActivationProfile(layers, freq, dist, top)

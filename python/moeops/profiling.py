@@ -153,9 +153,9 @@ def heatmap(result: dict, path: str) -> None:
 
     panels = [("all prompts", result["frequency"])] + \
         [(c, f) for c, f in result["class_frequency"].items()][:4]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, result["num_experts"] * 0.25),
-                                                      1.2 + 0.5 * len(result["layers"]) * len(panels)),
-                             squeeze=False)
+    width = max(6, result["num_experts"] * 0.25)
+    height = 1.2 + 0.5 * len(result["layers"]) * len(panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height), squeeze=False)
     for ax, (title, data) in zip(axes[:, 0], panels):
         im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(f"selection frequency: {title}", fontsize=9)
