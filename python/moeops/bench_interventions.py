@@ -70,6 +70,42 @@ def _check_cost(block, n: int = 200_000) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _median_loop(fn, n: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time of ``n`` calls of ``fn``."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        ts.append((time.perf_counter() - t0) / n)
+    return statistics.median(ts)
+
+
+def _stats_op_cost(model, block, x) -> dict:
+    """The work the "counts" and "weights" levels add, timed alone in tight loops: the gating
+    kernel with ``return_counts`` vs without, and the accumulator updates."""
+    from moeops.ops import topk_gating
+
+    iv.clear_interventions(model)
+    iv.disable_stats(model)
+    x2 = x.reshape(-1, x.shape[-1])
+    logits = torch.nn.functional.linear(x2, block.gate.weight)
+    k = int(block.gate.top_k)
+    st = iv._states(model)[0]
+    gate = _median_loop(lambda: topk_gating(logits, k, renormalize=True), 200)
+    gate_counts = _median_loop(lambda: topk_gating(logits, k, renormalize=True,
+                                                   return_counts=True), 200)
+    w, ids, _, counts = topk_gating(logits, k, renormalize=True, return_counts=True)
+    out = {"gating_s": gate, "gating_with_counts_s": gate_counts}
+    for level in ("counts", "weights"):
+        st.stats = iv._Stats(level, st.E, st.device)
+        out[f"record_{level}_s"] = _median_loop(
+            lambda: st._record_routing(ids, w, None, counts, logits, st.params), 500)
+    st.stats = None
+    return out
+
+
 @torch.no_grad()
 def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0) -> dict:
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -104,7 +140,10 @@ def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0)
     paired = {v: statistics.median(t / o for t, o in zip(times[v], times["off"]))
               for v in VARIANTS}
     check = _check_cost(block)
+    ops = _stats_op_cost(model, block, x)
     base = med["off"]
+    extra = {lvl: max(ops["gating_with_counts_s"] - ops["gating_s"], 0.0) + ops[f"record_{lvl}_s"]
+             for lvl in ("counts", "weights")}
     return {
         "shape": dict(T=tokens, H=2048, E=E, K=8, I=768, dtype=dtype),
         "threads": torch.get_num_threads(),
@@ -114,6 +153,8 @@ def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0)
         "paired_relative_to_off": paired,
         "drop50_speedup": med["off"] / med["drop50"],
         "drop50_speedup_paired": 1.0 / paired["drop50"],
+        "stats_ops": ops,
+        "stats_extra_fraction": {lvl: e / base for lvl, e in extra.items()},
         "off_check_s_per_layer_call": check,
         "off_check_fraction": check / base,
         "stats_outputs_equal": all(torch.equal(outs["off"], outs[v])
@@ -133,6 +174,13 @@ def format_result(r: dict) -> str:
     lines.append("(vs off: ratio of medians; paired: median over rounds of the round's ratio)")
     lines.append(f"drop 50% of experts: {r['drop50_speedup']:.2f}x faster than unmasked "
                  f"(paired: {r['drop50_speedup_paired']:.2f}x)")
+    o = r["stats_ops"]
+    lines.append(f"statistics work alone (tight loops): gating {o['gating_s'] * 1e6:.1f} us, with "
+                 f"counts {o['gating_with_counts_s'] * 1e6:.1f} us; accumulator updates: counts "
+                 f"{o['record_counts_s'] * 1e6:.1f} us, counts+weights "
+                 f"{o['record_weights_s'] * 1e6:.1f} us -> extra "
+                 f"{100 * r['stats_extra_fraction']['counts']:.4f}% (counts), "
+                 f"{100 * r['stats_extra_fraction']['weights']:.4f}% (weights) of the layer")
     lines.append(f"'off' check: {r['off_check_s_per_layer_call'] * 1e9:.0f} ns per layer call = "
                  f"{100 * r['off_check_fraction']:.5f}% of the layer")
     lines.append(f"statistics leave the output bit-identical: {r['stats_outputs_equal']}")
