@@ -29,7 +29,8 @@ exactly the ops they run without this module (checked by counting dispatched ops
   (``(ids, weights)`` or a callable). Empty slots (id -1) cost nothing in ``fused_experts``.
 
 Layers are named by their decoder-layer index (``model.model.layers[i]``); only MoE layers
-exist here (DeepSeek-V3's leading dense layers do not). transformers 5.x models only.
+exist here (DeepSeek-V3's leading dense layers do not). transformers 5.x models, and the 4.x
+Mixtral / Qwen2-MoE integration (ModuleList experts; see :meth:`_LayerState.v4_block_forward`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class MoeLayer:
 
     @property
     def num_experts(self) -> int:
+        if isinstance(self.experts, torch.nn.ModuleList):  # transformers 4.x
+            return len(self.experts)
         return int(self.experts.down_proj.shape[0])
 
 
@@ -76,12 +79,24 @@ def moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
     if not hf.is_patched(model):
         raise ValueError("moeops.interventions: the model is not patched; call moeops.patch(model) "
                          "first")
-    if hf._transformers_major() < 5:
-        raise ValueError("moeops.interventions: transformers 5.x models only (this is "
-                         f"transformers {__import__('transformers').__version__})")
-    router_cls, experts_cls = hf._classes(model.config.model_type)
     named = dict(model.named_modules())
     layers = []
+    if hf._transformers_major() < 5:  # 4.x: the sparse MoE block routes; experts: ModuleList
+        import importlib
+
+        path, block_name_, _ = hf.SUPPORTED_V4[model.config.model_type]
+        block_cls = getattr(importlib.import_module(path), block_name_)
+        for name, module in named.items():
+            if isinstance(module, block_cls):
+                dec_name = name.rsplit(".", 1)[0] if "." in name else ""
+                nums = re.findall(r"\d+", dec_name)
+                index = int(nums[-1]) if nums else len(layers)
+                layers.append(MoeLayer(index, name, module, module.gate, module.experts,
+                                       named.get(dec_name)))
+        if not layers:
+            raise ValueError("moeops.interventions: no MoE layer found in the model")
+        return layers
+    router_cls, experts_cls = hf._classes(model.config.model_type)
     for name, module in named.items():
         if not isinstance(module, router_cls):
             continue
@@ -156,9 +171,12 @@ class _LayerState:
     def __init__(self, layer: MoeLayer):
         self.index = layer.index
         self.E = layer.num_experts
-        self.device = layer.experts.down_proj.device
-        self.params = _router_params(layer.router)
-        self.top_k = int(layer.router.top_k)
+        self.device = next(layer.experts.parameters()).device
+        self.v4 = isinstance(layer.experts, torch.nn.ModuleList)
+        self.params = _router_params(layer.block if self.v4 else layer.router)
+        if self.v4:
+            self.params["cast"] = False  # the 4.x block casts the weights itself
+        self.top_k = int(layer.block.top_k if self.v4 else layer.router.top_k)
         self.stats: _Stats | None = None
         # interventions
         self.mask = None
@@ -348,6 +366,43 @@ class _LayerState:
                 sg = shared_gate.float().reshape(-1, 1) if shared_gate is not None else 1.0
                 out = (routed + sg * shared_out.float()).to(hidden.dtype)
         return out
+
+
+    def v4_block_forward(self, block, hidden_states: torch.Tensor):
+        """transformers 4.x Mixtral / Qwen2-MoE sparse block with this layer's interventions and
+        statistics (same arithmetic as hf._v4_block_forward when nothing is on). Gains scale
+        the routing weights (gain 0 empties the slot); the ``outputs`` statistics and EASY-EP
+        stack the experts' weights for the call (a temporary copy)."""
+        from moeops.integrations import hf
+        from moeops.ops import fused_experts_list
+
+        batch, seq, hidden_dim = hidden_states.shape  # (router jitter applied by the caller)
+        x = hidden_states.view(-1, hidden_dim)
+        router_logits = block.gate(x)
+        _, w, ids = self.route(block, x, router_logits)
+        w = w.to(x.dtype).float()  # HF casts the routing weights to the hidden dtype
+        ids = ids.to(torch.int32)
+        g, u, d = hf._V4_WEIGHT_NAMES[type(block).__name__]
+        shared = gate = None
+        if hasattr(block, "shared_expert"):
+            shared = block.shared_expert(x)
+            gate = torch.sigmoid(block.shared_expert_gate(x))
+        act = hf._v4_activation(block.experts[0])
+        wg = [getattr(e, g).weight for e in block.experts]
+        wu = [getattr(e, u).weight for e in block.experts]
+        wd = [getattr(e, d).weight for e in block.experts]
+        if (self.stats is not None and self.stats.level >= 3) or self.easy_ep is not None:
+            w_up = torch.cat([torch.stack(wg), torch.stack(wu)], dim=1)
+            out = self.run_experts(block.experts, x, ids, w, w_up, torch.stack(wd), None, None,
+                                   act, True, shared_out=shared, shared_gate=gate)
+        else:
+            if self.gain is not None:
+                gsel = self.gain[ids.clamp(min=0).long()]
+                w = w * gsel
+                ids = torch.where(gsel == 0, -1, ids)
+            out = fused_experts_list(x, ids, w, wg, wu, wd, activation=act, shared_out=shared,
+                                     shared_gate=gate)
+        return out.reshape(batch, seq, hidden_dim), router_logits
 
 
 def _full_scores(logits: torch.Tensor, p: dict) -> torch.Tensor:
@@ -855,6 +910,16 @@ def keep_top_experts(model, n_per_layer: int, scores, mode: str = "remove") -> d
     for i, k in keep.items():
         layer = layers[i]
         ex, rt = layer.experts, layer.router
+        if isinstance(ex, torch.nn.ModuleList):  # transformers 4.x
+            layer.block.experts = torch.nn.ModuleList([ex[int(j)] for j in k])
+            new_gate = torch.nn.Linear(rt.in_features, len(k), bias=False, device=rt.weight.device,
+                                       dtype=rt.weight.dtype)
+            new_gate.weight.data.copy_(rt.weight.data[k.to(rt.weight.device)])
+            new_gate.weight.requires_grad_(rt.weight.requires_grad)
+            layer.block.gate = new_gate
+            if hasattr(layer.block, "num_experts"):
+                layer.block.num_experts = len(k)
+            continue
         kd = k.to(ex.down_proj.device)
         for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias",
                      "down_proj_bias"):
@@ -903,7 +968,7 @@ def contrast_scores(strong_logits: torch.Tensor, weak_logits: torch.Tensor, alph
 
 
 def _contrast_forward(model, input_ids, strong_ranks, weak_ranks, attention_mask=None,
-                      past_key_values=None):
+                      past_key_values=None, use_cache=False):
     states = _states(model)
     saved = {i: (st.rank_groups, st.ranks_renormalize) for i, st in states.items()}
     for st in states.values():
@@ -911,7 +976,7 @@ def _contrast_forward(model, input_ids, strong_ranks, weak_ranks, attention_mask
     _sync(model)
     try:
         ids2 = torch.cat([input_ids, input_ids])
-        kw = dict(use_cache=past_key_values is not None)
+        kw = dict(use_cache=use_cache)
         if attention_mask is not None:
             kw["attention_mask"] = torch.cat([attention_mask, attention_mask])
         if past_key_values is not None:
@@ -960,10 +1025,8 @@ def self_contrast_generate(model, input_ids: torch.Tensor, max_new_tokens: int =
     past = None
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        if past is None:
-            from transformers import DynamicCache
-            past = DynamicCache(config=model.config)
-        out = _contrast_forward(model, step_ids, strong_ranks, weak_ranks, past_key_values=past)
+        out = _contrast_forward(model, step_ids, strong_ranks, weak_ranks, past_key_values=past,
+                                use_cache=True)
         past = out.past_key_values
         last = out.logits[:, -1].float()
         nxt = contrast_scores(last[:B], last[B:], alpha, beta).argmax(-1)

@@ -181,6 +181,9 @@ def _v4_block_forward(self, hidden_states: torch.Tensor):
     if self.training and getattr(self, "jitter_noise", 0) > 0:
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
             1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        return iv.v4_block_forward(self, hidden_states)
     x = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(x)
     w, ids, _, _ = topk_gating(router_logits, self.top_k,
