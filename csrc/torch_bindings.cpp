@@ -6,6 +6,7 @@
 
 #include "build_info.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_memory.h"
 #include "ops.h"
 
 TORCH_LIBRARY(moeops, m) {
@@ -80,4 +81,13 @@ PYBIND11_MODULE(_C, m) {
         "CPU code path the kernels use now: 'avx2' or 'portable'");
   m.def("set_cpu_isa", &moeops::cpu::set_isa, pybind11::arg("name"),
         "Choose the CPU code path: 'auto', 'avx2' or 'portable'. Returns the active one.");
+  m.def("cpu_workspace_limit", &moeops::cpu::workspace_limit_bytes,
+        "Bytes of fp32 scratch one CPU fused-experts call may allocate before it runs in token chunks");
+  m.def(
+      "set_cpu_workspace_limit",
+      [](int64_t bytes) {
+        if (bytes < 1) throw pybind11::value_error("moeops: set_cpu_workspace_limit: bytes must be >= 1");
+        return moeops::cpu::set_workspace_limit_bytes(bytes);
+      },
+      pybind11::arg("bytes"), "Set the CPU fused-experts scratch bound (bytes); returns the previous one.");
 }

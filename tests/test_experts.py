@@ -385,6 +385,39 @@ def test_fused_experts_deterministic(device, cpu_isa, dtype):
     assert torch.equal(outs[0], one) and torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("limit", [1, 40_000, 400_000])
+def test_fused_experts_token_chunks_bit_identical(cpu_isa, dtype, limit):
+    """A call whose scratch exceeds the workspace limit runs in token chunks (1 token, a few
+    tokens, most tokens per chunk here) with the same result bit for bit: biases, gains (one 0),
+    empty slots, the shared expert and the per-expert list layout included."""
+    T, H, I, E, K = 37, 64, 24, 6, 3
+    ids, weights = random_routing(T, K, E, 15, 0.2)
+    hidden = torch.randn(T, H, generator=_gen(15)).to(dtype)
+    w_up, w_down, b_up, b_down = expert_params(E, H, I, True, 15, dtype, bias=True)
+    gain = torch.rand(E, generator=_gen(16))
+    gain[2] = 0.0
+    so = torch.randn(T, H, generator=_gen(17)).to(dtype)
+    sg = torch.rand(T, generator=_gen(18))
+    run = lambda: (  # noqa: E731
+        moeops.fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, gain=gain, backend=BACKEND),
+        moeops.fused_experts(hidden, ids, weights, w_up, w_down, shared_out=so, shared_gate=sg,
+                             backend=BACKEND),
+        moeops.fused_experts_list(hidden, ids, weights, list(w_up[:, :I]), list(w_up[:, I:]),
+                                  list(w_down)))
+    whole = run()
+    before = moeops._C.set_cpu_workspace_limit(limit)
+    try:
+        assert moeops._C.cpu_workspace_limit() == limit
+        chunked = run()
+    finally:
+        moeops._C.set_cpu_workspace_limit(before)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="bytes must be >= 1"):
+        moeops._C.set_cpu_workspace_limit(0)
+
+
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu")])
 def test_fused_experts_gradients(device, gated, activation):
     _on(device, "fused_experts")

@@ -271,6 +271,16 @@ def test_fused_experts_stats_kernel_matches_reference():
         assert int(a.out_absmax_channel[2]) == -1  # gain 0: not computed
         if act == "relu":
             assert 0 < int(a.active_units.sum()) < int((ids >= 0).sum()) * I
+        # token chunks (scratch over the workspace limit): statistics accumulate across chunks
+        for limit in (1, 3 * 4 * K * (2 * H + nu)):  # 1 token per chunk, 3 tokens per chunk
+            before = moeops._C.set_cpu_workspace_limit(limit)
+            try:
+                c = moeops.fused_experts_stats(h, ids, w, w_up, w_down, activation=act,
+                                               gated=gated, gain=gain)
+            finally:
+                moeops._C.set_cpu_workspace_limit(before)
+            for x, y in zip(a, c):
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- interventions

@@ -5,6 +5,7 @@ The bad-input battery and the leak test run in a subprocess, so a segfault or ab
 test instead of killing the run, and other tests' allocations do not disturb the RSS numbers.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -408,6 +409,9 @@ print(f"seconds_10k {secs:.2f}")
 RSS_GROWTH_BOUND_MB = 4.0
 
 
+@pytest.mark.skipif(os.environ.get("MOEOPS_UNDER_ASAN") == "1",
+                    reason="under AddressSanitizer freed memory sits in ASan's quarantine, so RSS "
+                           "grows without a leak (scripts/sanitize_check.sh)")
 def test_no_host_memory_leak_over_10k_fused_layer_calls():
     proc = _run(LEAK_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]

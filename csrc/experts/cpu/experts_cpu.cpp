@@ -10,6 +10,7 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -120,8 +121,9 @@ struct ExpertPtrs {
 };
 
 // Optional statistics of the expert outputs (fused_experts_stats), filled by the kernel after
-// the down projection from the rows it just computed: slot_norms [T*K] f32, per expert out_absmax
-// [E] f32, out_channel [E] i64, in_absmax [E] f32, active [E] i64.
+// each chunk's down projection from the rows it just computed: slot_norms [T*K] f32, per expert
+// out_absmax [E] f32, out_channel [E] i64, in_absmax [E] f32, active [E] i64. The caller
+// initialises them (0, channel -1); chunks accumulate in token order.
 struct ExpertStats {
   float* slot_norms;
   float* out_absmax;
@@ -235,183 +237,190 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
                           bool gated, const Tensor& shared, const Tensor& shared_gate, const ExpertStats* stats) {
   const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
   const float* gp = gain.defined() ? gain.data_ptr<float>() : nullptr;
-
-  // 1. plan: counting sort of the non-empty slots by expert (slot order within an expert);
-  //    experts with gain 0 are skipped entirely.
   const int32_t* idp = ids.data_ptr<int32_t>();
-  std::vector<int32_t> off(E + 1, 0), row_slot, inverse(T * K, -1);
-  for (int64_t s = 0; s < T * K; ++s) {
-    const int32_t e = idp[s];
-    TORCH_CHECK_VALUE(e >= -1 && e < E, "moeops: ids must be in [-1, E=", E, "), got ", e, " at token ", s / K,
-                      ", slot ", s % K);
-    if (e >= 0 && !(gp && gp[e] == 0.f)) ++off[e + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
-  const int64_t R = off[E];
-  row_slot.resize(R);
-  {
-    std::vector<int32_t> cursor(off.begin(), off.end() - 1);
-    for (int64_t s = 0; s < T * K; ++s) {
-      const int32_t e = idp[s];
-      if (e < 0 || (gp && gp[e] == 0.f)) continue;
-      const int32_t r = cursor[e]++;
-      row_slot[r] = static_cast<int32_t>(s);
-      inverse[s] = r;
-    }
-  }
+  for (int64_t s = 0; s < T * K; ++s)
+    TORCH_CHECK_VALUE(idp[s] >= -1 && idp[s] < E, "moeops: ids must be in [-1, E=", E, "), got ", idp[s],
+                      " at token ", s / K, ", slot ", s % K);
   Tensor out = at::empty({T, H}, hidden_in.options());
   if (T == 0 || H == 0) return out;
 
-  // 2. gather the rows, widened to fp32: X [R, H]
+  // Scratch per chunk of tokens, reused across chunks: X [R, H] gathered rows (fp32), U [R, NU]
+  // up projection, Y [R (+ tokens), H] per-slot outputs (+ the shared expert's rows). The chunk
+  // is as many tokens as fit the workspace limit (cpu_memory.h), at least one.
+  const bool has_shared = shared.defined();
+  const int64_t bytes_per_token = 4 * (K * (2 * H + NU) + (has_shared ? H : 0));
+  const int64_t tc = std::clamp<int64_t>(cpu::workspace_limit_bytes() / bytes_per_token, 1, T);
   auto f32 = hidden_in.options().dtype(at::kFloat);
-  Tensor X = at::empty({R, H}, f32), U = at::empty({R, NU}, f32), Y = at::empty({R + (shared.defined() ? T : 0), H}, f32);
+  Tensor X = at::empty({tc * K, H}, f32), U = at::empty({tc * K, NU}, f32),
+         Y = at::empty({tc * K + (has_shared ? tc : 0), H}, f32);
   for (Tensor* t : {&X, &U, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
   float *Xp = X.data_ptr<float>(), *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
   const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
-  cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
-    using TH = decltype(tag);
-    const TH* hp = static_cast<const TH*>(hidden.data_ptr());
-    const int64_t hs = hidden.stride(0);
-    at::parallel_for(0, R, 64, [&](int64_t b, int64_t end) {
-      for (int64_t r = b; r < end; ++r) {
-        const TH* src = hp + (row_slot[r] / K) * hs;
-        for (int64_t h = 0; h < H; ++h) Xp[r * H + h] = cpu::to_f32(src[h]);
-      }
-    });
-  });
-
-  // 3. up projection with the bias and activation in the epilogue. Gated experts: an item owns
-  //    gate columns [n0, n1) and the matching up columns [I+n0, I+n1), and writes act(g)*u over
-  //    the gate columns of U, which the down projection then reads (lda = NU).
   const float* bup = b_up.defined() ? b_up.data_ptr<float>() : nullptr;
   const float* bdn = b_down.defined() ? b_down.data_ptr<float>() : nullptr;
-  const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
-  cpu::dispatch_float(wptr.up_dtype, [&](auto tag) {
-    using W = decltype(tag);
-    at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
-      for (int64_t i = b; i < end; ++i) {
-        const Item& it = up_items[i];
-        const W* G = static_cast<const W*>(wptr.gate[it.e]);
-        const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
-        float* Cg = Up + it.m0 * NU;
-        cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
-        if (gated) {
-          const W* U = static_cast<const W*>(wptr.up[it.e]);
-          cpu::gemm_dot(Xp + it.m0 * H, H, M, U + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
-        }
-        const float* bu = bup ? bup + it.e * NU : nullptr;
-        for (int64_t m = 0; m < M; ++m) {
-          float* row = Cg + m * NU;
-          for (int64_t j = it.n0; j < it.n1; ++j) {
-            float g = row[j] + (bu ? bu[j] : 0.f);
-            float a = act_fn(d.act, g);
-            if (gated) a *= row[I + j] + (bu ? bu[I + j] : 0.f);
-            row[j] = a;
-          }
-        }
-      }
-    });
-  });
-
-  // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
-  const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
-  cpu::dispatch_float(wptr.down_dtype, [&](auto tag) {
-    using W = decltype(tag);
-    at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
-      for (int64_t i = b; i < end; ++i) {
-        const Item& it = down_items[i];
-        const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
-        float* C = Yp + it.m0 * H + it.n0;
-        cpu::gemm_dot(Up + it.m0 * NU, NU, M, static_cast<const W*>(wptr.down[it.e]) + it.n0 * I, I, nb, I, C, H);
-        if (bdn)
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];
-      }
-    });
-  });
-
-  // 4b. statistics (fused_experts_stats only): one pass over each expert row right after the down
-  //     projection wrote it: the slot's L2 norm of the unweighted output y, the row's max |y| and
-  //     its first channel, max |h| of the down input h and h's non-zero units; then a reduction
-  //     per expert over its contiguous rows (slot order: the first maximum wins).
-  if (stats) {
-    std::vector<float> row_max(R), row_in_max(R);
-    std::vector<int64_t> row_ch(R), row_nnz(R);
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
-      for (int64_t r = b; r < end; ++r) {
-        const float* y = Yp + r * H;
-        float ss = 0.f, mx = -1.f;
-        int64_t ch = -1;
-        for (int64_t h = 0; h < H; ++h) {
-          const float v = y[h], a = std::fabs(v);
-          ss += v * v;
-          if (a > mx) {
-            mx = a;
-            ch = h;
-          }
-        }
-        const float* u = Up + r * NU;
-        float imx = 0.f;
-        int64_t nnz = 0;
-        for (int64_t j = 0; j < I; ++j) {
-          const float a = std::fabs(u[j]);
-          imx = a > imx ? a : imx;
-          nnz += u[j] != 0.f;
-        }
-        stats->slot_norms[row_slot[r]] = std::sqrt(ss);
-        row_max[r] = mx;
-        row_ch[r] = ch;
-        row_in_max[r] = imx;
-        row_nnz[r] = nnz;
-      }
-    });
-    for (int64_t e = 0; e < E; ++e) {
-      float mx = 0.f, imx = 0.f;
-      int64_t ch = -1, nnz = 0;
-      for (int64_t r = off[e]; r < off[e + 1]; ++r) {
-        if (ch < 0 || row_max[r] > mx) {
-          mx = row_max[r];
-          ch = row_ch[r];
-        }
-        imx = row_in_max[r] > imx ? row_in_max[r] : imx;
-        nnz += row_nnz[r];
-      }
-      stats->out_absmax[e] = mx;
-      stats->out_channel[e] = ch;
-      stats->in_absmax[e] = imx;
-      stats->active[e] = nnz;
-    }
-  }
-
-  // 5. deterministic weighted combine: slots in order, then the shared expert (rows R + t of Y
-  //    with weight shared_gate[t]), fp32, one rounding
-  const bool has_shared = shared.defined();
-  if (has_shared) std::memcpy(Yp + R * H, shared.data_ptr<float>(), sizeof(float) * T * H);
   const float* sg = has_shared ? shared_gate.data_ptr<float>() : nullptr;
   const int64_t KS = K + (has_shared ? 1 : 0);
   const float* wp = rw.data_ptr<float>();
   const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
-  cpu::dispatch_float(to_dtype(out, "hidden"), [&](auto tag) {
-    using TO = decltype(tag);
-    TO* op = static_cast<TO*>(out.data_ptr());
-    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * KS, 1)), [&](int64_t b, int64_t end) {
-      std::vector<float> acc(H), ws(KS);
-      std::vector<int32_t> inv(KS);
-      for (int64_t t = b; t < end; ++t) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int32_t e = idp[t * K + k];
-          ws[k] = e >= 0 ? wp[t * K + k] * (gp ? gp[e] : 1.f) : 0.f;
-          inv[k] = inverse[t * K + k];
-        }
-        if (has_shared) {
-          ws[K] = sg[t];
-          inv[K] = static_cast<int32_t>(R + t);
-        }
-        cpu::combine_token(avx2, static_cast<const float*>(Yp), H, ws.data(), inv.data(), static_cast<int>(KS),
-                           acc.data(), op + t * H);
+  std::vector<int32_t> off(E + 1), row_slot, inverse;
+
+  for (int64_t t0 = 0; t0 < T; t0 += tc) {
+    const int64_t t1 = std::min(T, t0 + tc), nt = t1 - t0;
+    // 1. plan: counting sort of the chunk's non-empty slots by expert (slot order within an
+    //    expert); experts with gain 0 are skipped entirely. Rows and inverse are chunk-local.
+    std::fill(off.begin(), off.end(), 0);
+    for (int64_t s = t0 * K; s < t1 * K; ++s)
+      if (idp[s] >= 0 && !(gp && gp[idp[s]] == 0.f)) ++off[idp[s] + 1];
+    for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+    const int64_t R = off[E];
+    row_slot.resize(R);
+    inverse.assign(nt * K, -1);
+    {
+      std::vector<int32_t> cursor(off.begin(), off.end() - 1);
+      for (int64_t s = t0 * K; s < t1 * K; ++s) {
+        const int32_t e = idp[s];
+        if (e < 0 || (gp && gp[e] == 0.f)) continue;
+        const int32_t r = cursor[e]++;
+        row_slot[r] = static_cast<int32_t>(s - t0 * K);
+        inverse[s - t0 * K] = r;
       }
+    }
+
+    // 2. gather the rows, widened to fp32
+    cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
+      using TH = decltype(tag);
+      const TH* hp = static_cast<const TH*>(hidden.data_ptr());
+      const int64_t hs = hidden.stride(0);
+      at::parallel_for(0, R, 64, [&](int64_t b, int64_t end) {
+        for (int64_t r = b; r < end; ++r) {
+          const TH* src = hp + (t0 + row_slot[r] / K) * hs;
+          for (int64_t h = 0; h < H; ++h) Xp[r * H + h] = cpu::to_f32(src[h]);
+        }
+      });
     });
-  });
+
+    // 3. up projection with the bias and activation in the epilogue. Gated experts: an item owns
+    //    gate columns [n0, n1) and the matching up columns [I+n0, I+n1), and writes act(g)*u over
+    //    the gate columns of U, which the down projection then reads (lda = NU).
+    const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
+    cpu::dispatch_float(wptr.up_dtype, [&](auto tag) {
+      using W = decltype(tag);
+      at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const Item& it = up_items[i];
+          const W* G = static_cast<const W*>(wptr.gate[it.e]);
+          const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
+          float* Cg = Up + it.m0 * NU;
+          cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
+          if (gated) {
+            const W* Uw = static_cast<const W*>(wptr.up[it.e]);
+            cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+          }
+          const float* bu = bup ? bup + it.e * NU : nullptr;
+          for (int64_t m = 0; m < M; ++m) {
+            float* row = Cg + m * NU;
+            for (int64_t j = it.n0; j < it.n1; ++j) {
+              float g = row[j] + (bu ? bu[j] : 0.f);
+              float a = act_fn(d.act, g);
+              if (gated) a *= row[I + j] + (bu ? bu[I + j] : 0.f);
+              row[j] = a;
+            }
+          }
+        }
+      });
+    });
+
+    // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
+    const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
+    cpu::dispatch_float(wptr.down_dtype, [&](auto tag) {
+      using W = decltype(tag);
+      at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const Item& it = down_items[i];
+          const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
+          float* C = Yp + it.m0 * H + it.n0;
+          cpu::gemm_dot(Up + it.m0 * NU, NU, M, static_cast<const W*>(wptr.down[it.e]) + it.n0 * I, I, nb, I, C,
+                        H);
+          if (bdn)
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];
+        }
+      });
+    });
+
+    // 4b. statistics (fused_experts_stats only): one pass over each expert row right after the
+    //     down projection wrote it: the slot's L2 norm of the unweighted output y, the row's
+    //     max |y| and its first channel, max |h| of the down input h and h's non-zero units;
+    //     then a reduction per expert over its contiguous rows. Rows are in slot order within
+    //     an expert and chunks in token order, so "first maximum" means slot order, then channel.
+    if (stats) {
+      std::vector<float> row_max(R), row_in_max(R);
+      std::vector<int64_t> row_ch(R), row_nnz(R);
+      at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
+        for (int64_t r = b; r < end; ++r) {
+          const float* y = Yp + r * H;
+          float ss = 0.f, mx = -1.f;
+          int64_t ch = -1;
+          for (int64_t h = 0; h < H; ++h) {
+            const float v = y[h], a = std::fabs(v);
+            ss += v * v;
+            if (a > mx) {
+              mx = a;
+              ch = h;
+            }
+          }
+          const float* u = Up + r * NU;
+          float imx = 0.f;
+          int64_t nnz = 0;
+          for (int64_t j = 0; j < I; ++j) {
+            const float a = std::fabs(u[j]);
+            imx = a > imx ? a : imx;
+            nnz += u[j] != 0.f;
+          }
+          stats->slot_norms[t0 * K + row_slot[r]] = std::sqrt(ss);
+          row_max[r] = mx;
+          row_ch[r] = ch;
+          row_in_max[r] = imx;
+          row_nnz[r] = nnz;
+        }
+      });
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          if (stats->out_channel[e] < 0 || row_max[r] > stats->out_absmax[e]) {
+            stats->out_absmax[e] = row_max[r];
+            stats->out_channel[e] = row_ch[r];
+          }
+          if (row_in_max[r] > stats->in_absmax[e]) stats->in_absmax[e] = row_in_max[r];
+          stats->active[e] += row_nnz[r];
+        }
+      }
+    }
+
+    // 5. deterministic weighted combine: slots in order, then the shared expert (rows R + t of
+    //    Y with weight shared_gate[t]), fp32, one rounding
+    if (has_shared) std::memcpy(Yp + R * H, shared.data_ptr<float>() + t0 * H, sizeof(float) * nt * H);
+    cpu::dispatch_float(to_dtype(out, "hidden"), [&](auto tag) {
+      using TO = decltype(tag);
+      TO* op = static_cast<TO*>(out.data_ptr());
+      at::parallel_for(t0, t1, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * KS, 1)), [&](int64_t b, int64_t end) {
+        std::vector<float> acc(H), ws(KS);
+        std::vector<int32_t> inv(KS);
+        for (int64_t t = b; t < end; ++t) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int32_t e = idp[t * K + k];
+            ws[k] = e >= 0 ? wp[t * K + k] * (gp ? gp[e] : 1.f) : 0.f;
+            inv[k] = inverse[(t - t0) * K + k];
+          }
+          if (has_shared) {
+            ws[K] = sg[t];
+            inv[K] = static_cast<int32_t>(R + t - t0);
+          }
+          cpu::combine_token(avx2, static_cast<const float*>(Yp), H, ws.data(), inv.data(), static_cast<int>(KS),
+                             acc.data(), op + t * H);
+        }
+      });
+    });
+  }
   return out;
 }
 

@@ -38,6 +38,7 @@ void permute_kernel(const Tensor& hidden, const int32_t* slots, int64_t R, int64
                     const float* scale, T* out) {
   const T* src = static_cast<const T*>(hidden.data_ptr());
   const int64_t H = hidden.size(1), stride = hidden.stride(0);
+  if (H == 0) return;  // zero-sized rows: out may be null, nothing to copy (UBSan: memcpy(null))
   const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
