@@ -30,6 +30,12 @@ Tensor fused_experts_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& 
                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
                          const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
                          const std::optional<Tensor>& shared_gate);
+// fused_experts plus statistics of the expert outputs (down-projection epilogue):
+// (out, slot_norms [T,K] f32, out_absmax [E] f32, out_absmax_channel [E] i64, in_absmax [E] f32, active_units [E] i64)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cpu(
+    const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up, const Tensor& w_down,
+    const std::optional<Tensor>& b_up, const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+    const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate);
 Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
                               at::TensorList w_up, at::TensorList w_down, std::string_view activation,
                               const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate);

@@ -34,6 +34,14 @@ TORCH_LIBRARY(moeops, m) {
   m.def(
       "fused_experts_list(Tensor hidden, Tensor ids, Tensor weights, Tensor[] w_gate, Tensor[] w_up, "
       "Tensor[] w_down, str activation=\"silu\", Tensor? shared_out=None, Tensor? shared_gate=None) -> Tensor");
+  // fused_experts plus output statistics computed by the kernel after the down projection:
+  // slot_norms [T,K] f32 (L2 norm of each slot's unweighted expert output), per expert max |y|
+  // [E] f32 and its channel [E] i64 (-1: no rows), max |down input| [E] f32, non-zero down inputs [E] i64
+  m.def(
+      "fused_experts_stats(Tensor hidden, Tensor ids, Tensor weights, Tensor w_up, Tensor w_down, "
+      "Tensor? b_up=None, Tensor? b_down=None, str activation=\"silu\", bool gated=True, "
+      "Tensor? gain=None, Tensor? shared_out=None, Tensor? shared_gate=None) -> (Tensor out, "
+      "Tensor slot_norms, Tensor out_absmax, Tensor out_absmax_channel, Tensor in_absmax, Tensor active_units)");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {
@@ -44,6 +52,7 @@ TORCH_LIBRARY_IMPL(moeops, CPU, m) {
   m.impl("grouped_gemm", &moeops::grouped_gemm_cpu);
   m.impl("fused_experts", &moeops::fused_experts_cpu);
   m.impl("fused_experts_list", &moeops::fused_experts_list_cpu);
+  m.impl("fused_experts_stats", &moeops::fused_experts_stats_cpu);
 }
 
 #ifdef MOEOPS_WITH_CUDA

@@ -171,3 +171,23 @@ def _fused_experts_shared_samples(device):
 
 _fused_plain = SAMPLES["fused_experts"]
 SAMPLES["fused_experts"] = lambda device: _fused_plain(device) + _fused_experts_shared_samples(device)
+
+
+def _fused_experts_stats_samples(device):
+    # the fused_experts samples without gradients (the stats op is not differentiable), plus a
+    # ReLU plain-expert case (active units) and a shared expert
+    out = [s for s in _fused_plain(device)
+           if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in s[0])]
+    out += [s for s in _fused_experts_shared_samples(device)
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in s[0])]
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(5, 12, generator=g).to(device)
+    ids = torch.tensor([[0, 2], [2, 1], [-1, 0], [1, 2], [0, -1]], dtype=torch.int32, device=device)
+    w = torch.rand(5, 2, generator=g).to(device)
+    out.append(((h, ids, w, (torch.randn(3, 8, 12, generator=g) * 0.3).to(device),
+                 (torch.randn(3, 12, 8, generator=g) * 0.3).to(device)),
+                dict(activation="relu", gated=False)))
+    return out
+
+
+SAMPLES["fused_experts_stats"] = _fused_experts_stats_samples

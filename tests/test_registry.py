@@ -13,9 +13,9 @@ from moeops.info import registered_ops
 from samples import SAMPLES
 
 OPS = registered_ops()
-# Ops without a CUDA kernel (transformers 4.x per-expert lists: CPU only); on CUDA tensors
+# Ops without a CUDA kernel (transformers 4.x per-expert lists; the statistics variant); on CUDA tensors
 # backend="auto" falls back to the reference with a warning and backend="cpp" says why.
-CPU_ONLY_OPS = {"fused_experts_list"}
+CPU_ONLY_OPS = {"fused_experts_list", "fused_experts_stats"}
 
 
 def test_expected_ops_registered():

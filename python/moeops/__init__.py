@@ -15,10 +15,12 @@ from moeops import reference  # noqa: E402
 from moeops.backends import BACKENDS  # noqa: E402
 from moeops.ops import (  # noqa: E402
     GatingResult,
+    ExpertsStatsResult,
     RoutingPlan,
     combine,
     fused_experts,
     fused_experts_list,
+    fused_experts_stats,
     grouped_gemm,
     permute,
     route_plan,
@@ -26,6 +28,8 @@ from moeops.ops import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+from moeops import interventions  # noqa: E402  (routing statistics and expert interventions)
 
 
 def patch(model, *, ep_group=None, expert_to_rank=None):
@@ -68,4 +72,5 @@ def unpatch_model_type(model_type: str) -> None:
 __all__ = [
     "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
+    "ExpertsStatsResult", "fused_experts_stats", "interventions",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``moeops info`` and ``moeops bench``."""
+"""Command line: ``moeops info``, ``moeops bench`` and ``moeops profile``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def _bench(args) -> int:
         return _routing_bench(args)
     if args.suite == "model":
         return _model_bench(args)
+    if args.suite == "interventions":
+        return _interventions_bench(args)
     return _experts_bench(args)
 
 
@@ -101,6 +103,23 @@ def _model_bench(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=2)
     return 0 if r["same_tokens"] else 1
+
+
+def _interventions_bench(args) -> int:
+    from moeops.bench_interventions import format_result, run
+
+    if args.device != "cpu":
+        raise SystemExit("moeops bench --suite interventions: CPU only for now")
+    r = run(tokens=args.tokens[0] if args.tokens else 256,
+            dtype=args.dtype if args.dtype != "fp16" else "bf16", rounds=args.repeats or 15)
+    if args.json == "-":
+        print(json.dumps(r, indent=2))
+    else:
+        print(format_result(r))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+    return 0 if r["stats_outputs_equal"] else 1
 
 
 def _csv(kind):
@@ -132,7 +151,8 @@ def main(argv=None) -> int:
             "(--tokens = prompt length, --new-tokens, --dtype bf16|fp32).\n\n"
             "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs\n"
             "the reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
-    b.add_argument("--suite", default="experts", choices=["experts", "routing", "model"])
+    b.add_argument("--suite", default="experts",
+                   choices=["experts", "routing", "model", "interventions"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     b.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -175,7 +195,28 @@ def main(argv=None) -> int:
     r.add_argument("--top-k", type=int, default=8)
     r.add_argument("--hidden", type=int, default=2048)
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pr = sub.add_parser(
+        "profile", help="routing statistics of a model on prompts: JSON + layers x experts heatmap",
+        description="Run prompts through a moeops-patched MoE model with statistics on and write "
+                    "per layer and expert selection counts/frequencies, weight and probability "
+                    "sums, per-class fTRI maps (JSON) and a selection-frequency heatmap (PNG). "
+                    "Default: a built-in tiny random Qwen3-MoE and built-in prompts.")
+    pr.add_argument("--model-config", default=None, metavar="CONFIG.json",
+                    help="Hugging Face config JSON with model_type (random weights)")
+    pr.add_argument("--model", default=None, metavar="PATH",
+                    help="local Hugging Face checkpoint to load instead (from_pretrained)")
+    pr.add_argument("--prompts", default=None, metavar="FILE",
+                    help="JSON {class: [prompts]} (prompt = list of ids or string), a JSON list, "
+                         "or one prompt per line (default: built-in id prompts)")
+    pr.add_argument("--json", default="moeops_profile.json", metavar="PATH")
+    pr.add_argument("--png", default="moeops_profile.png", metavar="PATH",
+                    help="heatmap path ('' for none; needs matplotlib)")
+    pr.add_argument("--top-n", type=int, default=10, help="most distinctive experts per class")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = p.parse_args(argv)
+    if args.cmd == "profile":
+        from moeops.profiling import main as profile_main
+        return profile_main(args)
     if args.cmd == "info":
         from moeops.info import main as info_main
         return info_main()

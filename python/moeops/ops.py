@@ -154,6 +154,37 @@ def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.T
               shared_out, shared_gate)
 
 
+class ExpertsStatsResult(NamedTuple):
+    """Result of :func:`fused_experts_stats`."""
+
+    out: torch.Tensor  #: [T, H] exactly fused_experts' output
+    slot_norms: torch.Tensor  #: [T, K] f32 L2 norm of each slot's unweighted expert output
+    out_absmax: torch.Tensor  #: [E] f32 max |down-projection output| per expert
+    out_absmax_channel: torch.Tensor  #: [E] int64 channel of that maximum, -1 without rows
+    in_absmax: torch.Tensor  #: [E] f32 max |down-projection input| per expert
+    active_units: torch.Tensor  #: [E] int64 non-zero down-projection inputs, summed over rows
+
+
+def fused_experts_stats(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
+                        b_down: torch.Tensor | None = None, *, activation: str = "silu",
+                        gated: bool = True, gain: torch.Tensor | None = None,
+                        shared_out: torch.Tensor | None = None,
+                        shared_gate: torch.Tensor | None = None,
+                        backend: str = "auto") -> ExpertsStatsResult:
+    """:func:`fused_experts` that also returns statistics of the expert outputs, computed by the
+    C++ kernel right after its down projection (from the rows it just wrote, no recomputation):
+    per-slot L2 norms of the unweighted expert output ``[T, K]``, per-expert ``max |y|`` with its
+    channel, ``max |h|`` of the down input and the number of non-zero down inputs (active units
+    of ReLU experts). Used by :mod:`moeops.interventions` (Super Experts, EASY-EP). Not
+    differentiable. Semantics: :func:`moeops.reference.fused_experts_stats`. Returns an
+    :class:`ExpertsStatsResult`.
+    """
+    fn = resolve("fused_experts_stats", backend, hidden)
+    return ExpertsStatsResult(*fn(hidden, ids, weights, w_up, w_down, b_up, b_down, activation,
+                                  gated, gain, shared_out, shared_gate))
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 def _check_devices(ref_name: str, ref: torch.Tensor, **others) -> None:
@@ -225,6 +256,20 @@ def _fused_experts_list_fake(hidden, ids, weights, w_gate, w_up, w_down, activat
         for e, t in enumerate(ts)})
     torch._check(hidden.dim() == 2, lambda: f"moeops: hidden must be [T, H], got {hidden.shape}")
     return hidden.new_empty(hidden.shape)
+
+
+@torch.library.register_fake("moeops::fused_experts_stats")
+def _fused_experts_stats_fake(hidden, ids, weights, w_up, w_down, b_up=None, b_down=None,
+                              activation="silu", gated=True, gain=None, shared_out=None,
+                              shared_gate=None):
+    out = _fused_experts_fake(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated,
+                              gain, shared_out, shared_gate)
+    E = w_up.shape[0]
+    f32 = dict(dtype=torch.float32)
+    i64 = dict(dtype=torch.int64)
+    return (out, hidden.new_empty(tuple(ids.shape), **f32), hidden.new_empty((E,), **f32),
+            hidden.new_empty((E,), **i64), hidden.new_empty((E,), **f32),
+            hidden.new_empty((E,), **i64))
 
 
 # ----------------------------------------------------------------------------- autograd

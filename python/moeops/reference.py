@@ -317,3 +317,62 @@ def fused_experts_list(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.T
     return fused_experts(hidden, ids, weights, gate_up, torch.stack(list(w_down)),
                          activation=activation, gated=True, shared_out=shared_out,
                          shared_gate=shared_gate)
+
+
+def fused_experts_stats(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
+                        b_down: torch.Tensor | None = None, activation: str = "silu",
+                        gated: bool = True, gain: torch.Tensor | None = None,
+                        shared_out: torch.Tensor | None = None,
+                        shared_gate: torch.Tensor | None = None):
+    """:func:`fused_experts` plus statistics of the expert outputs.
+
+    Returns ``(out, slot_norms, out_absmax, out_absmax_channel, in_absmax, active_units)``:
+
+    * ``out``: exactly :func:`fused_experts`;
+    * ``slot_norms [T, K]`` f32: ``||y_{t,k}||_2`` of each slot's *unweighted* expert output
+      ``y = h @ w_down[e].T (+ b_down[e])`` (before routing weight and gain); 0 for empty slots
+      and for experts with gain 0 (they are not computed);
+    * ``out_absmax [E]`` f32: ``max |y|`` over all rows and channels of expert ``e``;
+      ``out_absmax_channel [E]`` int64: the channel of that maximum (first in slot order, then
+      channel order), -1 for an expert without rows;
+    * ``in_absmax [E]`` f32: ``max |h|`` of the down projection's input; ``active_units [E]``
+      int64: number of non-zero entries of ``h`` summed over the expert's rows (for ReLU experts,
+      the active units).
+    """
+    T, H = hidden.shape
+    K = ids.shape[1]
+    E = w_up.shape[0]
+    dev = hidden.device
+    out = fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain,
+                        shared_out, shared_gate)
+    norms = torch.zeros(T, K, dtype=torch.float32, device=dev)
+    out_max = torch.zeros(E, dtype=torch.float32, device=dev)
+    channel = torch.full((E,), -1, dtype=torch.int64, device=dev)
+    in_max = torch.zeros(E, dtype=torch.float32, device=dev)
+    active = torch.zeros(E, dtype=torch.int64, device=dev)
+    x = hidden.float()
+    idl = ids.long()
+    for e in range(E):
+        t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)  # slot order (row-major)
+        if t_idx.numel() == 0 or (gain is not None and float(gain[e]) == 0.0):
+            continue
+        u = x[t_idx] @ w_up[e].float().t()
+        if b_up is not None:
+            u = u + b_up[e].float()
+        if gated:
+            i = u.shape[1] // 2
+            h = apply_activation(u[:, :i], activation) * u[:, i:]
+        else:
+            h = apply_activation(u, activation)
+        y = h @ w_down[e].float().t()
+        if b_down is not None:
+            y = y + b_down[e].float()
+        norms[t_idx, k_idx] = y.norm(dim=1)
+        a = y.abs().reshape(-1)
+        j = int(torch.argmax(a))
+        out_max[e] = a[j]
+        channel[e] = j % H
+        in_max[e] = h.abs().max()
+        active[e] = (h != 0).sum()
+    return out, norms, out_max, channel, in_max, active

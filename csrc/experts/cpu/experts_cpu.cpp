@@ -6,6 +6,7 @@
 // in cache across all of that expert's rows (gemm_blocks.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
@@ -119,9 +120,22 @@ struct ExpertPtrs {
   std::vector<const void*> gate, up, down;  // up is unused for non-gated experts
 };
 
+// Optional statistics of the expert outputs (fused_experts_stats), filled by the kernel after
+// each chunk's down projection from the rows it just computed: slot_norms [T*K] f32, per expert
+// out_absmax [E] f32, out_channel [E] i64, in_absmax [E] f32, active [E] i64. The caller
+// initialises them (0, channel -1); chunks accumulate in token order.
+struct ExpertStats {
+  float* slot_norms;
+  float* out_absmax;
+  int64_t* out_channel;
+  float* in_absmax;
+  int64_t* active;
+};
+
 Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
                           const ExpertPtrs& wp_, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
-                          bool gated, const Tensor& shared, const Tensor& shared_gate);
+                          bool gated, const Tensor& shared, const Tensor& shared_gate,
+                          const ExpertStats* stats = nullptr);
 
 // The shared-expert term joins the combine as one more slot: rows [T, H] widened to fp32 and
 // gates [T] in fp32 (1 when no gate is given); undefined tensors when there is no shared expert.
@@ -164,6 +178,38 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
                             shared.first, shared.second);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cpu(
+    const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in, const Tensor& w_up_in,
+    const Tensor& w_down_in, const std::optional<Tensor>& b_up_in, const std::optional<Tensor>& b_down_in,
+    std::string_view activation, bool gated, const std::optional<Tensor>& gain_in,
+    const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate) {
+  TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_stats_cpu got hidden on ", hidden_in.device());
+  const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
+                                                 b_down_in, activation, gated, gain_in);
+  const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
+  ExpertPtrs p{to_dtype(w_up, "w_up"), to_dtype(w_down, "w_down"), {}, {}, {}};
+  const int64_t eu = w_up.element_size(), ed = w_down.element_size();
+  for (int64_t e = 0; e < d.E; ++e) {
+    const char* base = static_cast<const char*>(w_up.data_ptr()) + e * d.n_up * d.H * eu;
+    p.gate.push_back(base);
+    p.up.push_back(base + d.I * d.H * eu);
+    p.down.push_back(static_cast<const char*>(w_down.data_ptr()) + e * d.H * d.I * ed);
+  }
+  auto f32 = hidden_in.options().dtype(at::kFloat);
+  auto i64 = hidden_in.options().dtype(at::kLong);
+  Tensor norms = at::zeros({d.T, d.K}, f32), out_max = at::zeros({d.E}, f32), in_max = at::zeros({d.E}, f32);
+  Tensor channel = at::full({d.E}, -1, i64), active = at::zeros({d.E}, i64);
+  const ExpertStats st{norms.data_ptr<float>(), out_max.data_ptr<float>(), channel.data_ptr<int64_t>(),
+                       in_max.data_ptr<float>(), active.data_ptr<int64_t>()};
+  const auto shared = prepare_shared(shared_out, shared_gate, hidden_in);
+  Tensor out = fused_experts_core(hidden_in, ids_in.contiguous(), weights_in.contiguous(), d, p,
+                                  b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor(),
+                                  b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor(),
+                                  gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated, shared.first,
+                                  shared.second, &st);
+  return {out, norms, out_max, channel, in_max, active};
+}
+
 Tensor fused_experts_list_cpu(const Tensor& hidden, const Tensor& ids, const Tensor& weights, at::TensorList w_gate,
                               at::TensorList w_up, at::TensorList w_down, std::string_view activation,
                               const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate) {
@@ -188,7 +234,7 @@ namespace {
 
 Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tensor& rw, const ExpertsDims& d,
                           const ExpertPtrs& wptr, const Tensor& b_up, const Tensor& b_down, const Tensor& gain,
-                          bool gated, const Tensor& shared, const Tensor& shared_gate) {
+                          bool gated, const Tensor& shared, const Tensor& shared_gate, const ExpertStats* stats) {
   const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I, NU = d.n_up;
   const float* gp = gain.defined() ? gain.data_ptr<float>() : nullptr;
   const int32_t* idp = ids.data_ptr<int32_t>();
@@ -301,6 +347,54 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
         }
       });
     });
+
+    // 4b. statistics (fused_experts_stats only): one pass over each expert row right after the
+    //     down projection wrote it: the slot's L2 norm of the unweighted output y, the row's
+    //     max |y| and its first channel, max |h| of the down input h and h's non-zero units;
+    //     then a reduction per expert over its contiguous rows. Rows are in slot order within
+    //     an expert and chunks in token order, so "first maximum" means slot order, then channel.
+    if (stats) {
+      std::vector<float> row_max(R), row_in_max(R);
+      std::vector<int64_t> row_ch(R), row_nnz(R);
+      at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
+        for (int64_t r = b; r < end; ++r) {
+          const float* y = Yp + r * H;
+          float ss = 0.f, mx = -1.f;
+          int64_t ch = -1;
+          for (int64_t h = 0; h < H; ++h) {
+            const float v = y[h], a = std::fabs(v);
+            ss += v * v;
+            if (a > mx) {
+              mx = a;
+              ch = h;
+            }
+          }
+          const float* u = Up + r * NU;
+          float imx = 0.f;
+          int64_t nnz = 0;
+          for (int64_t j = 0; j < I; ++j) {
+            const float a = std::fabs(u[j]);
+            imx = a > imx ? a : imx;
+            nnz += u[j] != 0.f;
+          }
+          stats->slot_norms[t0 * K + row_slot[r]] = std::sqrt(ss);
+          row_max[r] = mx;
+          row_ch[r] = ch;
+          row_in_max[r] = imx;
+          row_nnz[r] = nnz;
+        }
+      });
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          if (stats->out_channel[e] < 0 || row_max[r] > stats->out_absmax[e]) {
+            stats->out_absmax[e] = row_max[r];
+            stats->out_channel[e] = row_ch[r];
+          }
+          if (row_in_max[r] > stats->in_absmax[e]) stats->in_absmax[e] = row_in_max[r];
+          stats->active[e] += row_nnz[r];
+        }
+      }
+    }
 
     // 5. deterministic weighted combine: slots in order, then the shared expert (rows R + t of
     //    Y with weight shared_gate[t]), fp32, one rounding

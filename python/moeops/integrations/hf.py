@@ -73,6 +73,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if getattr(self, "has_bias", False):
         b_up = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias")
         b_down = self.down_proj_bias
+    iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        return iv.run_experts(self, hidden_states, ids, top_k_weights.float(), w_up,
+                              self.down_proj, b_up, b_down, _activation_of(self), gated)
     return fused_experts(hidden_states, ids, top_k_weights.float(), w_up, self.down_proj, b_up,
                          b_down, activation=_activation_of(self), gated=gated)
 
@@ -90,6 +94,9 @@ def _softmax_router_forward(self, hidden_states):
     """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE router on moeops gating (same outputs as HF)."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
+    iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        return iv.route(self, hidden_states, router_logits)
     renorm = getattr(self, "norm_topk_prob", True)  # Mixtral always renormalises
     w, ids, _, _ = topk_gating(router_logits, self.top_k, renormalize=renorm)
     if hasattr(self, "norm_topk_prob"):  # the Qwen/OLMoE routers return weights in the logits dtype
@@ -101,6 +108,9 @@ def _deepseek_v3_router_forward(self, hidden_states):
     """DeepSeek-V3 router: sigmoid, selection-only bias, group-limited top-k, scaling."""
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        return iv.route(self, hidden_states, router_logits)
     w, ids, _, _ = topk_gating(router_logits, self.top_k, scoring="sigmoid",
                                renormalize=self.norm_topk_prob,
                                routed_scaling_factor=self.routed_scaling_factor,
@@ -121,6 +131,12 @@ def _qwen2_moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     E = experts.down_proj.shape[0]
     ids = ids.to(torch.int32)
     ids = torch.where((ids >= 0) & (ids < E), ids, -1)
+    iv = getattr(experts, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        out = iv.run_experts(experts, x, ids, weights.float(), experts.gate_up_proj,
+                             experts.down_proj, None, None, _activation_of(experts), True,
+                             shared_out=shared, shared_gate=gate)
+        return out.reshape(batch, seq, hidden_dim)
     out = fused_experts(x, ids, weights.float(), experts.gate_up_proj, experts.down_proj,
                         activation=_activation_of(experts), shared_out=shared, shared_gate=gate)
     return out.reshape(batch, seq, hidden_dim)
@@ -165,6 +181,9 @@ def _v4_block_forward(self, hidden_states: torch.Tensor):
     if self.training and getattr(self, "jitter_noise", 0) > 0:
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
             1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
+    if iv is not None:
+        return iv.v4_block_forward(self, hidden_states)
     x = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(x)
     w, ids, _, _ = topk_gating(router_logits, self.top_k,
