@@ -24,6 +24,16 @@ from moeops.ops import (  # noqa: E402
     route_plan,
     topk_gating,
 )
+from moeops.moex_ops import (  # noqa: E402
+    MoexCode,
+    MoexExpertsResult,
+    MoexRouting,
+    MoexStats,
+    moex_code,
+    moex_experts,
+    moex_route,
+    moex_router_stats,
+)
 
 __version__ = "0.1.0"
 
@@ -55,4 +65,6 @@ def unpatch_model_type(model_type: str) -> None:
 __all__ = [
     "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
+    "MoexCode", "MoexExpertsResult", "MoexRouting", "MoexStats", "moex_code", "moex_experts",
+    "moex_route", "moex_router_stats",
 ]
