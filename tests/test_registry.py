@@ -16,6 +16,8 @@ OPS = registered_ops()
 # Ops whose CUDA kernels are not written yet (the GPU fused-experts issue); on CUDA tensors
 # backend="auto" falls back to the reference with a warning and backend="cpp" says why.
 CPU_ONLY_OPS = {"grouped_gemm", "fused_experts", "fused_experts_list"}
+# MoE-X wide-code export: data-dependent output size, CPU kernel only (docs/moex.md).
+CPU_ONLY_OPS |= {"moex_code"}
 
 
 def test_expected_ops_registered():

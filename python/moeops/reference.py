@@ -359,7 +359,9 @@ def moex_density(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor,
     s2 = (xf * xf) @ var.float().t()
     pos = s2 > 0
     sigma = torch.sqrt(torch.where(pos, s2, 1.0))  # no inf gradient at 0
-    z = torch.where(pos, mu_h / sigma, torch.sign(mu_h) * float("inf"))
+    inf = torch.tensor(float("inf"), device=mu_h.device)
+    limit = torch.where(mu_h > 0, inf, torch.where(mu_h < 0, -inf, 0.0))
+    z = torch.where(pos, mu_h / sigma, limit)
     z = torch.where(torch.isnan(mu_h) | torch.isnan(s2), float("nan"), z)
     return 0.5 * torch.erfc(-z * _SQRT1_2)
 
