@@ -55,6 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> moex_router_stats_cpu(const Tensor& w_enc, co
       std::string_view down, bool return_active
 std::tuple<Tensor, Tensor, Tensor> moex_route_cpu(MOEOPS_MOEX_ROUTE_ARGS);
 std::tuple<Tensor, Tensor> moex_experts_cpu(MOEOPS_MOEX_EXPERTS_ARGS);
+Tensor moex_down_cpu(const Tensor& h, const Tensor& offsets, const Tensor& w_dec, std::string_view down);
 std::tuple<Tensor, Tensor, Tensor, Tensor> moex_code_cpu(const Tensor& hidden, const Tensor& ids,
                                                           const Tensor& weights, const Tensor& w_enc,
                                                           const std::optional<Tensor>& b_enc);

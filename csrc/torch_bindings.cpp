@@ -48,6 +48,8 @@ TORCH_LIBRARY(moeops, m) {
   m.def(
       "moex_code(Tensor hidden, Tensor ids, Tensor weights, Tensor w_enc, Tensor? b_enc=None) "
       "-> (Tensor indptr, Tensor indices, Tensor values, Tensor l0)");
+  // internal (benchmarks): MoE-X down-projection alone, h [R,D] f32 grouped by offsets [M+1] -> y [R,d]
+  m.def("_moex_down(Tensor h, Tensor offsets, Tensor w_dec, str down=\"auto\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {
@@ -62,6 +64,7 @@ TORCH_LIBRARY_IMPL(moeops, CPU, m) {
   m.impl("moex_route", &moeops::moex_route_cpu);
   m.impl("moex_experts", &moeops::moex_experts_cpu);
   m.impl("moex_code", &moeops::moex_code_cpu);
+  m.impl("_moex_down", &moeops::moex_down_cpu);
 }
 
 #ifdef MOEOPS_WITH_CUDA

@@ -234,3 +234,8 @@ def _experts_backward(ctx, grad, g_active):
 
 torch.library.register_autograd("moeops::moex_experts", _experts_backward,
                                 setup_context=_experts_setup)
+
+
+@torch.library.register_fake("moeops::_moex_down")
+def _moex_down_fake(h, offsets, w_dec, down="auto"):
+    return h.new_empty((h.shape[0], w_dec.shape[2]))

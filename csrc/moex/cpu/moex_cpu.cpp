@@ -304,6 +304,105 @@ void up_projection(const Tensor& hidden, const Plan& pl, int64_t K, int64_t M, i
   });
 }
 
+// The down-projection over expert-grouped activation rows U [R, D] (rows off[e]:off[e+1] use
+// expert e): Y [R, d] = U . w_dec[e] (+ b_dec[e]); nnz[r] = non-zero units of row r.
+void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int64_t M, int64_t D, int64_t d,
+                          const Tensor& w_dec, const float* bd, MoexDown down, int32_t* nnz, float* Yp) {
+  const int64_t R = off[M];
+  // per-row active lists (units ascending), nnz per row
+  std::vector<int32_t> lists(R * D);
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r) {
+      const float* u = Up + r * D;
+      int32_t* l = lists.data() + r * D;
+      int32_t n = 0;
+      for (int64_t i = 0; i < D; ++i) {
+        l[n] = static_cast<int32_t>(i);
+        n += u[i] != 0.f;  // NaN counts as active (it must reach the output)
+      }
+      nnz[r] = n;
+    }
+  });
+
+  // tiles and their paths
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < M; ++e)
+    for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kTileRows)
+      tiles.push_back({static_cast<int32_t>(e), r0, std::min<int64_t>(r0 + kTileRows, off[e + 1]),
+                       TilePath::Dense, 0, 0});
+  std::vector<int32_t> iota(D);
+  std::iota(iota.begin(), iota.end(), 0);
+  std::vector<int64_t> union_off(tiles.size() + 1, 0);
+  for (size_t t = 0; t < tiles.size(); ++t) union_off[t + 1] = union_off[t] + D;
+  std::vector<int32_t> unions(down == MoexDown::Dense ? 0 : union_off.back());
+  if (down != MoexDown::Dense) {
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t t = b; t < end; ++t) {
+        Tile& tl = tiles[t];
+        const int64_t rows = tl.r1 - tl.r0;
+        int64_t sum_nnz = 0;
+        for (int64_t r = tl.r0; r < tl.r1; ++r) sum_nnz += nnz[r];
+        if (rows == 1) {
+          // one row: its own list; dense if it is nearly all active (auto)
+          tl.path = (down == MoexDown::Auto && sum_nnz > (D * 7) / 8) ? TilePath::Dense : TilePath::Rows;
+          continue;
+        }
+        int32_t* ul = unions.data() + union_off[t];
+        int64_t n = 0;
+        for (int64_t i = 0; i < D; ++i) {
+          bool any = false;
+          for (int64_t r = tl.r0; r < tl.r1; ++r) any |= Up[r * D + i] != 0.f;
+          ul[n] = static_cast<int32_t>(i);
+          n += any;
+        }
+        tl.list_off = union_off[t];
+        tl.list_n = n;
+        // cost in unit-rows: union runs `rows` rows register-blocked over n units; rows runs
+        // each row alone over its nnz units, about 1.25x slower per unit-row (more loads per FMA)
+        const double c_union = static_cast<double>(n) * rows, c_rows = 1.25 * static_cast<double>(sum_nnz);
+        if (down == MoexDown::Auto && n > (D * 7) / 8 && c_rows >= c_union) tl.path = TilePath::Dense;
+        else tl.path = c_rows < c_union ? TilePath::Rows : TilePath::Union;
+      }
+    });
+  }
+
+  // items: (tile, column block); column blocks of 128 (fewer when there are few tiles)
+  int64_t cb = 128;
+  while (cb > 32 && static_cast<int64_t>(tiles.size()) * ((d + cb - 1) / cb) < 8 * at::get_num_threads()) cb /= 2;
+  std::vector<DownItem> items;
+  for (size_t t = 0; t < tiles.size(); ++t)
+    for (int64_t c0 = 0; c0 < d; c0 += cb) items.push_back({static_cast<int32_t>(t), c0, std::min(c0 + cb, d)});
+    cpu::dispatch_float(to_dtype(w_dec, "w_dec"), [&](auto tag) {
+    using W = decltype(tag);
+    const W* wd = static_cast<const W*>(w_dec.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const DownItem& it = items[i];
+        const Tile& tl = tiles[it.tile];
+        const W* B = wd + tl.e * D * d + it.c0;
+        const int64_t nc = it.c1 - it.c0, rows = tl.r1 - tl.r0;
+        switch (tl.path) {
+          case TilePath::Dense:
+            down_rows(Up + tl.r0 * D, D, rows, iota.data(), D, B, d, nc, Yp + tl.r0 * d + it.c0, d);
+            break;
+          case TilePath::Union:
+            down_rows(Up + tl.r0 * D, D, rows, unions.data() + tl.list_off, tl.list_n, B, d, nc,
+                      Yp + tl.r0 * d + it.c0, d);
+            break;
+          case TilePath::Rows:
+            for (int64_t r = tl.r0; r < tl.r1; ++r)
+              down_rows(Up + r * D, D, 1, lists.data() + r * D, nnz[r], B, d, nc, Yp + r * d + it.c0, d);
+            break;
+        }
+        if (bd)
+          for (int64_t r = tl.r0; r < tl.r1; ++r)
+            for (int64_t c = it.c0; c < it.c1; ++c) Yp[r * d + c] += bd[tl.e * d + c];
+      }
+    });
+  });
+
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> moex_router_stats_cpu(const Tensor& w_enc, const std::optional<Tensor>& b_enc) {
@@ -350,102 +449,14 @@ std::tuple<Tensor, Tensor> moex_experts_cpu(const Tensor& hidden_in, const Tenso
   const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
   up_projection(hidden, pl, K, M, D, d, w_enc, benc.defined() ? benc.data_ptr<float>() : nullptr, Xp, Up);
 
-  // per-row active lists (units ascending), nnz per row
-  std::vector<int32_t> lists(R * D), nnz(R);
-  at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
-    for (int64_t r = b; r < end; ++r) {
-      const float* u = Up + r * D;
-      int32_t* l = lists.data() + r * D;
-      int32_t n = 0;
-      for (int64_t i = 0; i < D; ++i) {
-        l[n] = static_cast<int32_t>(i);
-        n += u[i] != 0.f;  // NaN counts as active (it must reach the output)
-      }
-      nnz[r] = n;
-    }
-  });
+  // per-row active counts and the sparse down-projection (+ b_dec): Y [R, d]
+  std::vector<int32_t> nnz(R);
+  moex_down_projection(Up, pl.off, M, D, d, w_dec, bdec.defined() ? bdec.data_ptr<float>() : nullptr, dm.down,
+                       nnz.data(), Yp);
   if (return_active) {
     int32_t* ap = active.data_ptr<int32_t>();
     for (int64_t r = 0; r < R; ++r) ap[pl.row_slot[r]] = nnz[r];
   }
-
-  // tiles and their paths
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < M; ++e)
-    for (int64_t r0 = pl.off[e]; r0 < pl.off[e + 1]; r0 += kTileRows)
-      tiles.push_back({static_cast<int32_t>(e), r0, std::min<int64_t>(r0 + kTileRows, pl.off[e + 1]),
-                       TilePath::Dense, 0, 0});
-  std::vector<int32_t> iota(D);
-  std::iota(iota.begin(), iota.end(), 0);
-  std::vector<int64_t> union_off(tiles.size() + 1, 0);
-  for (size_t t = 0; t < tiles.size(); ++t) union_off[t + 1] = union_off[t] + D;
-  std::vector<int32_t> unions(dm.down == MoexDown::Dense ? 0 : union_off.back());
-  if (dm.down != MoexDown::Dense) {
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t b, int64_t end) {
-      for (int64_t t = b; t < end; ++t) {
-        Tile& tl = tiles[t];
-        const int64_t rows = tl.r1 - tl.r0;
-        int64_t sum_nnz = 0;
-        for (int64_t r = tl.r0; r < tl.r1; ++r) sum_nnz += nnz[r];
-        if (rows == 1) {
-          // one row: its own list; dense if it is nearly all active (auto)
-          tl.path = (dm.down == MoexDown::Auto && sum_nnz > (D * 7) / 8) ? TilePath::Dense : TilePath::Rows;
-          continue;
-        }
-        int32_t* ul = unions.data() + union_off[t];
-        int64_t n = 0;
-        for (int64_t i = 0; i < D; ++i) {
-          bool any = false;
-          for (int64_t r = tl.r0; r < tl.r1; ++r) any |= Up[r * D + i] != 0.f;
-          ul[n] = static_cast<int32_t>(i);
-          n += any;
-        }
-        tl.list_off = union_off[t];
-        tl.list_n = n;
-        // cost in unit-rows: union runs `rows` rows register-blocked over n units; rows runs
-        // each row alone over its nnz units, about 1.25x slower per unit-row (more loads per FMA)
-        const double c_union = static_cast<double>(n) * rows, c_rows = 1.25 * static_cast<double>(sum_nnz);
-        if (dm.down == MoexDown::Auto && n > (D * 7) / 8 && c_rows >= c_union) tl.path = TilePath::Dense;
-        else tl.path = c_rows < c_union ? TilePath::Rows : TilePath::Union;
-      }
-    });
-  }
-
-  // items: (tile, column block); column blocks of 128 (fewer when there are few tiles)
-  int64_t cb = 128;
-  while (cb > 32 && static_cast<int64_t>(tiles.size()) * ((d + cb - 1) / cb) < 8 * at::get_num_threads()) cb /= 2;
-  std::vector<DownItem> items;
-  for (size_t t = 0; t < tiles.size(); ++t)
-    for (int64_t c0 = 0; c0 < d; c0 += cb) items.push_back({static_cast<int32_t>(t), c0, std::min(c0 + cb, d)});
-  const float* bd = bdec.defined() ? bdec.data_ptr<float>() : nullptr;
-  cpu::dispatch_float(to_dtype(w_dec, "w_dec"), [&](auto tag) {
-    using W = decltype(tag);
-    const W* wd = static_cast<const W*>(w_dec.data_ptr());
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
-      for (int64_t i = b; i < end; ++i) {
-        const DownItem& it = items[i];
-        const Tile& tl = tiles[it.tile];
-        const W* B = wd + tl.e * D * d + it.c0;
-        const int64_t nc = it.c1 - it.c0, rows = tl.r1 - tl.r0;
-        switch (tl.path) {
-          case TilePath::Dense:
-            down_rows(Up + tl.r0 * D, D, rows, iota.data(), D, B, d, nc, Yp + tl.r0 * d + it.c0, d);
-            break;
-          case TilePath::Union:
-            down_rows(Up + tl.r0 * D, D, rows, unions.data() + tl.list_off, tl.list_n, B, d, nc,
-                      Yp + tl.r0 * d + it.c0, d);
-            break;
-          case TilePath::Rows:
-            for (int64_t r = tl.r0; r < tl.r1; ++r)
-              down_rows(Up + r * D, D, 1, lists.data() + r * D, nnz[r], B, d, nc, Yp + r * d + it.c0, d);
-            break;
-        }
-        if (bd)
-          for (int64_t r = tl.r0; r < tl.r1; ++r)
-            for (int64_t c = it.c0; c < it.c1; ++c) Yp[r * d + c] += bd[tl.e * d + c];
-      }
-    });
-  });
 
   // deterministic weighted combine (slot order, fp32)
   const float* wp = rw.data_ptr<float>();
@@ -467,6 +478,31 @@ std::tuple<Tensor, Tensor> moex_experts_cpu(const Tensor& hidden_in, const Tenso
     });
   });
   return {out, active};
+}
+
+// Internal (benchmarks): the down-projection alone. h [R, D] fp32 rows grouped by expert,
+// offsets [M+1] int32, w_dec [M, D, d] -> y [R, d] fp32.
+Tensor moex_down_cpu(const Tensor& h_in, const Tensor& offsets_in, const Tensor& w_dec_in, std::string_view down) {
+  check_dim(h_in, 2, "h", "[R, D]");
+  check_dtype(h_in, at::kFloat, "h");
+  check_dim(w_dec_in, 3, "w_dec", "[M, D, d]");
+  to_dtype(w_dec_in, "w_dec");
+  check_dim(offsets_in, 1, "offsets", "[M+1]");
+  check_dtype(offsets_in, at::kInt, "offsets");
+  const int64_t M = w_dec_in.size(0), D = w_dec_in.size(1), d = w_dec_in.size(2), R = h_in.size(0);
+  TORCH_CHECK_VALUE(h_in.size(1) == D && offsets_in.size(0) == M + 1, "moeops: h must be [R, D=", D,
+                    "] and offsets [M+1=", M + 1, "]");
+  const Tensor offsets = offsets_in.contiguous();
+  std::vector<int32_t> off(offsets.data_ptr<int32_t>(), offsets.data_ptr<int32_t>() + M + 1);
+  TORCH_CHECK_VALUE(off[0] == 0 && off[M] == R, "moeops: offsets must start at 0 and end at R=", R);
+  for (int64_t e = 0; e < M; ++e) TORCH_CHECK_VALUE(off[e + 1] >= off[e], "moeops: offsets must be non-decreasing");
+  MoexDown md = down == "dense" ? MoexDown::Dense : down == "sparse" ? MoexDown::Sparse : MoexDown::Auto;
+  TORCH_CHECK_VALUE(down == "dense" || down == "sparse" || down == "auto", "moeops: down must be 'auto', 'dense' or 'sparse'");
+  const Tensor h = h_in.contiguous(), w_dec = w_dec_in.contiguous();
+  Tensor y = at::empty({R, d}, h.options());
+  std::vector<int32_t> nnz(R);
+  if (R > 0 && d > 0) moex_down_projection(h.data_ptr<float>(), off, M, D, d, w_dec, nullptr, md, nnz.data(), y.data_ptr<float>());
+  return y;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> moex_code_cpu(const Tensor& hidden_in, const Tensor& ids_in,
