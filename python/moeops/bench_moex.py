@@ -19,19 +19,36 @@ from moeops.moex import MoEXLayer
 MOEX_S = dict(d=768, D=3072, M=8, k=2)
 
 
-def _interleaved_median_ms(fns: dict, min_runs=7, max_runs=60, budget=2.0, warmup=2) -> dict:
+_FLUSH = None
+
+
+def _flush_caches() -> None:
+    """Evict the CPU caches (read and write a 128 MiB buffer, more than this CPU's 32 MiB L3),
+    so every timed call reads its weights from memory, as a layer of a large model does."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.ones(32 * 2**20)
+    _FLUSH.add_(1.0)
+
+
+def _interleaved_median_ms(fns: dict, min_runs=7, max_runs=60, budget=2.0, warmup=2,
+                           cold=True) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round) so that the
-    machine's load drifts equally over all of them and their ratios stay comparable."""
-    for _ in range(warmup):
+    machine's load drifts equally over all of them and their ratios stay comparable. Each
+    callable takes the round number (inputs rotate); ``cold`` flushes the caches before every
+    timed call (not timed)."""
+    for r in range(warmup):
         for fn in fns.values():
-            fn()
+            fn(r)
     ts = {name: [] for name in fns}
     t_end = time.perf_counter() + budget
     n = 0
     while n < max_runs and (n < min_runs or time.perf_counter() < t_end):
         for name, fn in fns.items():
+            if cold:
+                _flush_caches()
             t0 = time.perf_counter()
-            fn()
+            fn(n)
             ts[name].append((time.perf_counter() - t0) * 1e3)
         n += 1
     return {name: statistics.median(v) for name, v in ts.items()}
@@ -51,59 +68,68 @@ def make_layer(density: float, d=768, D=3072, M=8, k=2, seed=0) -> MoEXLayer:
     return layer
 
 
+N_INPUTS = 4
+
+
 def run_moex_bench(tokens=(1, 4, 16, 64, 256), densities=(0.1, 0.5), budget=2.0, seed=0,
-                   progress=None) -> dict:
+                   cold=True, progress=None) -> dict:
     rows = []
     for dens in densities:
         layer = make_layer(dens, seed=seed, **MOEX_S)
         d, D, M = layer.d_model, layer.d_expert, layer.num_experts
         for T in tokens:
-            x = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + T))
+            sets = []  # N_INPUTS different token batches, rotated between timed calls
+            for j in range(N_INPUTS):
+                x = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + 1000 * j + T))
+                with torch.no_grad():
+                    r = layer.route(x)
+                    _, active = moex_ops.moex_experts(x, r.ids, r.weights, layer.w_enc, layer.b_enc,
+                                                      layer.w_dec, layer.b_dec, return_active=True)
+                    # expert-grouped activation rows for the down-projection alone
+                    order = torch.argsort(r.ids.flatten().long(), stable=True)
+                    e_sorted = r.ids.flatten().long()[order]
+                    tok = order // layer.top_k
+                    u = torch.einsum("rd,rkd->rk", x[tok], layer.w_enc[e_sorted]) + layer.b_enc[e_sorted]
+                    h = torch.relu(u).contiguous()
+                    offsets = torch.zeros(M + 1, dtype=torch.int32)
+                    offsets[1:] = torch.cumsum(torch.bincount(e_sorted, minlength=M), 0)
+                sets.append(dict(x=x, h=h, offsets=offsets, off=offsets.tolist(),
+                                 density=float(active[r.ids >= 0].float().mean()) / D))
+            realised = statistics.mean(st["density"] for st in sets)
+            wdec = layer.w_dec.detach()
+            down = torch.ops.moeops._moex_down
+            same = all(torch.equal(down(st["h"], st["offsets"], wdec, "auto"),
+                                   down(st["h"], st["offsets"], wdec, "dense")) for st in sets)
+
+            def down_with(mode):
+                return lambda n: down(sets[n % N_INPUTS]["h"], sets[n % N_INPUTS]["offsets"], wdec, mode)
+
+            def torch_dense(n):
+                st = sets[n % N_INPUTS]
+                h, off = st["h"], st["off"]
+                return [h[off[e]:off[e + 1]] @ wdec[e] for e in range(M) if off[e + 1] > off[e]]
+
+            def layer_with(mode):
+                def run(n):
+                    layer.down = mode
+                    return layer(sets[n % N_INPUTS]["x"])
+                return run
             with torch.no_grad():
-                r = layer.route(x)
-                _, active = moex_ops.moex_experts(x, r.ids, r.weights, layer.w_enc, layer.b_enc,
-                                                  layer.w_dec, layer.b_dec, return_active=True)
-                realised = float(active[r.ids >= 0].float().mean()) / D
-                # expert-grouped activation rows for the down-projection alone
-                order = torch.argsort(r.ids.flatten().long(), stable=True)
-                e_sorted = r.ids.flatten().long()[order]
-                tok = order // layer.top_k
-                u = torch.einsum("rd,rkd->rk", x[tok], layer.w_enc[e_sorted]) + layer.b_enc[e_sorted]
-                h = torch.relu(u).contiguous()
-                counts = torch.bincount(e_sorted, minlength=M)
-                offsets = torch.zeros(M + 1, dtype=torch.int32)
-                offsets[1:] = torch.cumsum(counts, 0)
-                wdec = layer.w_dec.detach()
-                y_sparse = torch.ops.moeops._moex_down(h, offsets, wdec, "auto")
-                y_dense = torch.ops.moeops._moex_down(h, offsets, wdec, "dense")
-                same = bool(torch.equal(y_sparse, y_dense))
-                off = offsets.tolist()
-
-                def torch_dense():
-                    return [h[off[e]:off[e + 1]] @ wdec[e] for e in range(M) if off[e + 1] > off[e]]
-
-                down = torch.ops.moeops._moex_down
-                t = _interleaved_median_ms({
-                    "down_auto": lambda: down(h, offsets, wdec, "auto"),
-                    "down_sparse": lambda: down(h, offsets, wdec, "sparse"),
-                    "down_dense": lambda: down(h, offsets, wdec, "dense"),
-                    "down_torch": torch_dense}, budget=budget)
-
-                def layer_with(mode):
-                    def run():
-                        layer.down = mode
-                        return layer(x)
-                    return run
+                t = _interleaved_median_ms({"down_auto": down_with("auto"),
+                                            "down_sparse": down_with("sparse"),
+                                            "down_dense": down_with("dense"),
+                                            "down_torch": torch_dense}, budget=budget, cold=cold)
                 t.update(_interleaved_median_ms({"layer_auto": layer_with("auto"),
-                                                 "layer_dense": layer_with("dense")}, budget=budget))
-                layer.down = "auto"
+                                                 "layer_dense": layer_with("dense")},
+                                                budget=budget, cold=cold))
+            layer.down = "auto"
             row = dict(T=T, density_target=dens, density=realised, down_bit_identical=same, **t,
                        down_speedup=t["down_dense"] / t["down_auto"],
                        layer_speedup=t["layer_dense"] / t["layer_auto"])
             rows.append(row)
             if progress:
                 progress(format_row(row))
-    return dict(shape=MOEX_S, threads=torch.get_num_threads(), rows=rows,
+    return dict(shape=MOEX_S, threads=torch.get_num_threads(), cold=cold, rows=rows,
                 ok=all(r["down_bit_identical"] for r in rows))
 
 
@@ -121,7 +147,9 @@ def format_moex_bench(res: dict) -> str:
     s = res["shape"]
     lines = [f"MoE-X-S layer d={s['d']} D={s['D']} M={s['M']} k={s['k']} fp32, "
              f"{res['threads']} threads; median ms (down = down-projection alone: moeops auto / "
-             f"forced sparse / dense kernel / torch matmul per expert; layer = route + experts)",
+             f"forced sparse / dense kernel / torch matmul per expert; layer = route + experts); "
+             f"{N_INPUTS} token batches rotated, caches {'flushed' if res['cold'] else 'warm'} "
+             f"before every timed call",
              HEADER]
     lines += [format_row(r) for r in res["rows"]]
     lines.append("sparse and dense down-projections bit-identical: " + ("yes" if res["ok"] else "NO"))

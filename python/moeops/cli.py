@@ -96,6 +96,7 @@ def _moex_bench(args) -> int:
         print(HEADER, file=sys.stderr)
     res = run_moex_bench(tokens=tuple(args.tokens or (1, 4, 16, 64, 256)),
                          densities=tuple(args.densities), budget=args.time_budget,
+                         cold=not args.warm,
                          progress=None if args.quiet or args.json == "-" else
                          (lambda line: print(line, file=sys.stderr)))
     if args.json == "-":
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
                               "--time-budget also apply)")
     mx.add_argument("--densities", type=_csv(float), default=[0.1, 0.5],
                     help="target ReLU densities, comma-separated (0.1,0.5)")
+    mx.add_argument("--warm", action="store_true",
+                    help="keep the caches warm (default: flush them before every timed call)")
     r = b.add_argument_group("routing suite")
     r.add_argument("--experts", type=int, default=128)
     r.add_argument("--top-k", type=int, default=8)

@@ -58,8 +58,8 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
     else:  # GPT-2 small's shape: d=768, 12 layers, 12 heads, D=3072 (vocab cut for the corpus)
         cfg = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=512, n_positions=256,
                          bos_token_id=0, eos_token_id=0)
-        batch, seq, steps = 4, 64, steps or 40
-        layers = layers if layers is not None else [10, 11]
+        batch, seq, steps = 4, 32, steps or 30
+        layers = layers if layers is not None else [11]
         experts, top_k, lr = 8, 2, 3e-4
     model = GPT2LMHeadModel(cfg)
     moex_layers = upcycle_gpt2(model, experts, top_k, layers=layers, noise=0.05, seed=seed,
@@ -159,9 +159,9 @@ def main(argv=None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds (CI)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (40; quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (30; quick: 8)")
     p.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], default=None,
-                   help="blocks to upcycle, comma-separated (default 10,11; quick: 1)")
+                   help="blocks to upcycle, comma-separated (default 11; quick: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a figure (matplotlib)")

@@ -132,6 +132,24 @@ MOEOPS_AVX2 void down_block_avx2(const float* A, int64_t lda, const int32_t* idx
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + m * ldc + 8 * v, acc[m][v]);
 }
 
+// One row, 8*NV columns (NV <= 12): each weight vector is loaded and used at once, so NV can be
+// large and a unit's decoder row is read in long contiguous pieces (NV = 12: 384 bytes).
+template <int NV, class W>
+MOEOPS_AVX2 void down_row_avx2(const float* A, const int32_t* idx, int64_t n, const W* B, int64_t ldb, float* C) {
+  __m256 acc[NV];
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = idx[j];
+    const W* b = B + i * ldb;
+    const __m256 a = _mm256_broadcast_ss(A + i);
+#pragma GCC unroll 12
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(a, cpu::load8(b + 8 * v), acc[v]);
+  }
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + 8 * v, acc[v]);
+}
+
 // Column tail (< 8 columns): scalar FMAs in the same unit order.
 template <class W>
 MOEOPS_AVX2 void down_tail_avx2(const float* A, int64_t lda, int64_t MR, const int32_t* idx, int64_t n,
@@ -180,16 +198,18 @@ void down_portable(const float* A, int64_t lda, int64_t MR, const int32_t* idx, 
   }
 }
 
-// C[0:MR, 0:ncols] = A[0:MR, units] . B[units, 0:ncols], MR <= 6. Columns in blocks of 32
-// (MR == 1: 4 accumulators, one broadcast and 4 loads per unit) or 16 (MR > 1: 2*MR accumulators).
+// C[0:MR, 0:ncols] = A[0:MR, units] . B[units, 0:ncols], MR <= 6. Columns in blocks of 96 or
+// 32 (MR == 1: 12 or 4 accumulators, one broadcast per unit) or 16 (MR > 1: 2*MR accumulators).
 template <class W>
 void down_rows(const float* A, int64_t lda, int64_t MR, const int32_t* idx, int64_t n, const W* B, int64_t ldb,
                int64_t ncols, float* C, int64_t ldc) {
 #ifdef MOEOPS_HAS_AVX2_PATH
   if (cpu::active_isa() == cpu::Isa::Avx2) {
     int64_t c = 0;
-    if (MR == 1)
-      for (; c + 32 <= ncols; c += 32) down_block_avx2<1, 4>(A, lda, idx, n, B + c, ldb, C + c, ldc);
+    if (MR == 1) {
+      for (; c + 96 <= ncols; c += 96) down_row_avx2<12>(A, idx, n, B + c, ldb, C + c);
+      for (; c + 32 <= ncols; c += 32) down_row_avx2<4>(A, idx, n, B + c, ldb, C + c);
+    }
     for (; c + 16 <= ncols; c += 16) down_rows_dispatch<2>(A, lda, MR, idx, n, B + c, ldb, C + c, ldc);
     for (; c + 8 <= ncols; c += 8) down_rows_dispatch<1>(A, lda, MR, idx, n, B + c, ldb, C + c, ldc);
     if (c < ncols) down_tail_avx2(A, lda, MR, idx, n, B + c, ldb, ncols - c, C + c, ldc);
@@ -213,7 +233,7 @@ struct Tile {
 };
 
 struct DownItem {
-  int32_t tile;
+  int32_t tile;  // group of tiles (index into `groups`)
   int64_t c0, c1;
 };
 
@@ -366,37 +386,55 @@ void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int6
     });
   }
 
-  // items: (tile, column block); column blocks of 128 (fewer when there are few tiles)
-  int64_t cb = 128;
-  while (cb > 32 && static_cast<int64_t>(tiles.size()) * ((d + cb - 1) / cb) < 8 * at::get_num_threads()) cb /= 2;
+  // items: (group of up to 8 consecutive tiles of one expert, column block). Inside an item the
+  // columns go in 96-wide slices, each slice through all the group's tiles, so the slice of the
+  // decoder a tile reads is still in cache for the next tile of the same expert.
+  constexpr int64_t kGroupTiles = 8, kSlice = 96;
+  std::vector<std::pair<int32_t, int32_t>> groups;  // [first tile, end tile)
+  for (size_t t = 0; t < tiles.size();) {
+    size_t u = t + 1;
+    while (u < tiles.size() && u - t < static_cast<size_t>(kGroupTiles) && tiles[u].e == tiles[t].e) ++u;
+    groups.push_back({static_cast<int32_t>(t), static_cast<int32_t>(u)});
+    t = u;
+  }
+  int64_t cb = kSlice * 8;
+  while (cb > kSlice && static_cast<int64_t>(groups.size()) * ((d + cb - 1) / cb) < 8 * at::get_num_threads()) cb /= 2;
   std::vector<DownItem> items;
-  for (size_t t = 0; t < tiles.size(); ++t)
-    for (int64_t c0 = 0; c0 < d; c0 += cb) items.push_back({static_cast<int32_t>(t), c0, std::min(c0 + cb, d)});
+  for (size_t gi = 0; gi < groups.size(); ++gi)
+    for (int64_t c0 = 0; c0 < d; c0 += cb) items.push_back({static_cast<int32_t>(gi), c0, std::min(c0 + cb, d)});
     cpu::dispatch_float(to_dtype(w_dec, "w_dec"), [&](auto tag) {
     using W = decltype(tag);
     const W* wd = static_cast<const W*>(w_dec.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const DownItem& it = items[i];
-        const Tile& tl = tiles[it.tile];
-        const W* B = wd + tl.e * D * d + it.c0;
-        const int64_t nc = it.c1 - it.c0, rows = tl.r1 - tl.r0;
-        switch (tl.path) {
-          case TilePath::Dense:
-            down_rows(Up + tl.r0 * D, D, rows, iota.data(), D, B, d, nc, Yp + tl.r0 * d + it.c0, d);
-            break;
-          case TilePath::Union:
-            down_rows(Up + tl.r0 * D, D, rows, unions.data() + tl.list_off, tl.list_n, B, d, nc,
-                      Yp + tl.r0 * d + it.c0, d);
-            break;
-          case TilePath::Rows:
-            for (int64_t r = tl.r0; r < tl.r1; ++r)
-              down_rows(Up + r * D, D, 1, lists.data() + r * D, nnz[r], B, d, nc, Yp + r * d + it.c0, d);
-            break;
+        for (int64_t c0 = it.c0; c0 < it.c1; c0 += kSlice) {
+          const int64_t nc = std::min(kSlice, it.c1 - c0);
+          for (int32_t ti = groups[it.tile].first; ti < groups[it.tile].second; ++ti) {
+            const Tile& tl = tiles[ti];
+            const W* B = wd + tl.e * D * d + c0;
+            const int64_t rows = tl.r1 - tl.r0;
+            switch (tl.path) {
+              case TilePath::Dense:
+                down_rows(Up + tl.r0 * D, D, rows, iota.data(), D, B, d, nc, Yp + tl.r0 * d + c0, d);
+                break;
+              case TilePath::Union:
+                down_rows(Up + tl.r0 * D, D, rows, unions.data() + tl.list_off, tl.list_n, B, d, nc,
+                          Yp + tl.r0 * d + c0, d);
+                break;
+              case TilePath::Rows:
+                for (int64_t r = tl.r0; r < tl.r1; ++r)
+                  down_rows(Up + r * D, D, 1, lists.data() + r * D, nnz[r], B, d, nc, Yp + r * d + c0, d);
+                break;
+            }
+          }
         }
-        if (bd)
-          for (int64_t r = tl.r0; r < tl.r1; ++r)
-            for (int64_t c = it.c0; c < it.c1; ++c) Yp[r * d + c] += bd[tl.e * d + c];
+        for (int32_t ti = groups[it.tile].first; ti < groups[it.tile].second; ++ti) {
+          const Tile& tl = tiles[ti];
+          if (bd)
+            for (int64_t r = tl.r0; r < tl.r1; ++r)
+              for (int64_t c = it.c0; c < it.c1; ++c) Yp[r * d + c] += bd[tl.e * d + c];
+        }
       }
     });
   });
