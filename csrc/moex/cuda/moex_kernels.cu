@@ -233,6 +233,9 @@ void launch_moex_route(const MoexRouteParams& p, cudaStream_t stream) {
 void launch_moex_experts(const MoexExpertsParams& p, cudaStream_t stream) {
   if (p.T <= 0 || p.d <= 0) return;
   const int64_t S = p.T * p.K;
+  if ((p.D + kUpWarps - 1) / kUpWarps > 65535 || (p.d + kColThreads - 1) / kColThreads > 65535)
+    throw std::invalid_argument("moeops::cuda::launch_moex_experts: D=" + std::to_string(p.D) + " or d=" +
+                                std::to_string(p.d) + " too large for the grid (D <= 524280, d <= 8388480)");
   if (S > 0 && p.D > 0) {
     const dim3 up_grid(static_cast<unsigned>(S), blocks_for(p.D, kUpWarps));
     dispatch(p.hidden_dtype, [&](auto th) {
