@@ -58,9 +58,9 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
     else:  # GPT-2 small's shape: d=768, 12 layers, 12 heads, D=3072 (vocab cut for the corpus)
         cfg = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=512, n_positions=256,
                          bos_token_id=0, eos_token_id=0)
-        batch, seq, steps = 4, 32, steps or 30
+        batch, seq, steps = 4, 32, steps or 20
         layers = layers if layers is not None else [11]
-        experts, top_k, lr = 8, 2, 3e-4
+        experts, top_k, lr = 8, 2, 1e-3
     model = GPT2LMHeadModel(cfg)
     moex_layers = upcycle_gpt2(model, experts, top_k, layers=layers, noise=0.05, seed=seed,
                                record=True, dropout=0.0)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds (CI)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (30; quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (20; quick: 8)")
     p.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="blocks to upcycle, comma-separated (default 11; quick: 1)")
     p.add_argument("--seed", type=int, default=0)

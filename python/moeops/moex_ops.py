@@ -91,8 +91,10 @@ def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     one contiguous row; from an ``nn.Linear(D, d)`` pass ``weight.T``). ``ids``/``weights
     [T, K]`` as from :func:`moex_route` (-1 = empty slot, no compute). ``out[t] = sum_k
     weights[t,k] * y`` in fp32, slot order. ``down``: ``"auto"`` (per tile of rows: gather the
-    active decoder rows, skip units inactive for the whole tile, or dense when nearly all are
-    active), ``"sparse"`` (never dense) or ``"dense"``; all three give bit-identical results.
+    active decoder rows or skip units inactive for the whole tile; per expert, a dense GEMM
+    when that is estimated cheaper, i.e. at high density), ``"sparse"`` (never dense) or
+    ``"dense"``. The sparse paths are exact (each output the same fp32 FMA chain as a dense loop
+    over the units, zeros skipped); the dense GEMM agrees to fp32 rounding.
     ``return_active`` adds ``active [T, K]`` int32, the number of non-zero units per slot.
     Differentiable with respect to hidden, weights and all expert parameters.
     """

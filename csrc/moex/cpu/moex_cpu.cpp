@@ -5,17 +5,20 @@
 // active units A_r = {i : h[r, i] > 0}. y[r] = sum_{i in A_r} h[r, i] * w_dec[e, i, :], and the
 // decoder is stored unit-major ([M, D, d]) so unit i is one contiguous row. Rows of an expert
 // are cut into tiles of up to 6 rows; each tile runs one of three paths over a list of units:
-//   dense  every unit 0..D-1, the tile's rows register-blocked (the fallback at high density);
+//   rows   each row alone over its own active list (the gather path of small T: decoder
+//          traffic proportional to nnz * d);
 //   union  the units active in at least one row of the tile (a unit that is zero for the whole
 //          tile is skipped: the block skip of the large-T case, at single-unit granularity);
-//   rows   each row alone over its own active list (the gather path of small T: decoder
-//          traffic proportional to nnz * d).
-// Every path accumulates each output element in fp32 over its units in increasing unit order,
-// one FMA per term (AVX2) or one multiply-add (portable), so skipping a unit whose h is +0
-// adds exactly nothing: all paths give bit-identical results (finite weights), which the tests
-// check with torch.equal.
+//   dense  every unit 0..D-1, the tile's rows register-blocked.
+// Every tile path accumulates each output element in fp32 over its units in increasing unit
+// order, one FMA per term (AVX2) or one multiply-add (portable), so skipping a unit whose h is
+// +0 adds exactly nothing: the three give bit-identical results (finite weights). When an
+// expert's estimated sparse cost exceeds a dense GEMM's (high density), the whole expert goes
+// through torch's GEMM instead (fp32 decoders; `down="dense"` always does): equal to fp32
+// rounding. The tests check both.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -230,6 +233,7 @@ struct Tile {
   TilePath path;
   int64_t list_off;     // Union: offset of its unit list in the union buffer
   int64_t list_n;
+  double cost = 0.0;    // estimated unit-rows of the chosen path
 };
 
 struct DownItem {
@@ -326,9 +330,11 @@ void up_projection(const Tensor& hidden, const Plan& pl, int64_t K, int64_t M, i
 
 // The down-projection over expert-grouped activation rows U [R, D] (rows off[e]:off[e+1] use
 // expert e): Y [R, d] = U . w_dec[e] (+ b_dec[e]); nnz[r] = non-zero units of row r.
-void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int64_t M, int64_t D, int64_t d,
-                          const Tensor& w_dec, const float* bd, MoexDown down, int32_t* nnz, float* Yp) {
+void moex_down_projection(const Tensor& U, const std::vector<int32_t>& off, int64_t M, int64_t D, int64_t d,
+                          const Tensor& w_dec, const float* bd, MoexDown down, int32_t* nnz, Tensor& Y) {
   const int64_t R = off[M];
+  const float* Up = U.data_ptr<float>();
+  float* Yp = Y.data_ptr<float>();
   // per-row active lists (units ascending), nnz per row
   std::vector<int32_t> lists(R * D);
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t end) {
@@ -349,7 +355,7 @@ void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int6
   for (int64_t e = 0; e < M; ++e)
     for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kTileRows)
       tiles.push_back({static_cast<int32_t>(e), r0, std::min<int64_t>(r0 + kTileRows, off[e + 1]),
-                       TilePath::Dense, 0, 0});
+                       TilePath::Dense, 0, 0, static_cast<double>(D) * std::min<int64_t>(kTileRows, off[e + 1] - r0)});
   std::vector<int32_t> iota(D);
   std::iota(iota.begin(), iota.end(), 0);
   std::vector<int64_t> union_off(tiles.size() + 1, 0);
@@ -365,6 +371,7 @@ void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int6
         if (rows == 1) {
           // one row: its own list; dense if it is nearly all active (auto)
           tl.path = (down == MoexDown::Auto && sum_nnz > (D * 7) / 8) ? TilePath::Dense : TilePath::Rows;
+          tl.cost = tl.path == TilePath::Dense ? static_cast<double>(D) : 1.25 * static_cast<double>(sum_nnz);
           continue;
         }
         int32_t* ul = unions.data() + union_off[t];
@@ -382,8 +389,28 @@ void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int6
         const double c_union = static_cast<double>(n) * rows, c_rows = 1.25 * static_cast<double>(sum_nnz);
         if (down == MoexDown::Auto && n > (D * 7) / 8 && c_rows >= c_union) tl.path = TilePath::Dense;
         else tl.path = c_rows < c_union ? TilePath::Rows : TilePath::Union;
+        tl.cost = tl.path == TilePath::Dense ? static_cast<double>(D * rows) : std::min(c_rows, c_union);
       }
     });
+  }
+
+  // Dense fallback for fp32 decoders: a whole expert through torch's GEMM (at::mm), chosen by
+  // `auto` when its tiles' estimated sparse cost exceeds the GEMM's (which does a unit-row about
+  // twice as fast as the register kernel above once an expert has >= 8 rows; measured at
+  // MoE-X-S: docs/moex.md), and always by `dense`. Its summation order differs from the
+  // sparse paths': results agree to fp32 rounding.
+  std::vector<uint8_t> use_gemm(M, 0);
+  if (w_dec.scalar_type() == at::kFloat && down != MoexDown::Sparse) {
+    std::vector<double> sparse_cost(M, 0.0);
+    for (const Tile& tl : tiles) sparse_cost[tl.e] += tl.cost;
+    for (int64_t e = 0; e < M; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      const double k_gemm = n >= 8 ? 0.5 : 0.9;
+      use_gemm[e] = down == MoexDown::Dense || sparse_cost[e] > k_gemm * static_cast<double>(n * D);
+    }
+    tiles.erase(std::remove_if(tiles.begin(), tiles.end(), [&](const Tile& tl) { return use_gemm[tl.e] != 0; }),
+                tiles.end());
   }
 
   // items: (group of up to 8 consecutive tiles of one expert, column block). Inside an item the
@@ -438,7 +465,15 @@ void moex_down_projection(const float* Up, const std::vector<int32_t>& off, int6
       }
     });
   });
-
+  for (int64_t e = 0; e < M; ++e) {
+    if (!use_gemm[e]) continue;
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    Tensor y = Y.narrow(0, r0, n);
+    at::mm_out(y, U.narrow(0, r0, n), w_dec.select(0, e));
+    if (bd)
+      for (int64_t r = r0; r < r0 + n; ++r)
+        for (int64_t c = 0; c < d; ++c) Yp[r * d + c] += bd[e * d + c];
+  }
 }
 
 }  // namespace
@@ -489,8 +524,8 @@ std::tuple<Tensor, Tensor> moex_experts_cpu(const Tensor& hidden_in, const Tenso
 
   // per-row active counts and the sparse down-projection (+ b_dec): Y [R, d]
   std::vector<int32_t> nnz(R);
-  moex_down_projection(Up, pl.off, M, D, d, w_dec, bdec.defined() ? bdec.data_ptr<float>() : nullptr, dm.down,
-                       nnz.data(), Yp);
+  moex_down_projection(U, pl.off, M, D, d, w_dec, bdec.defined() ? bdec.data_ptr<float>() : nullptr, dm.down,
+                       nnz.data(), Y);
   if (return_active) {
     int32_t* ap = active.data_ptr<int32_t>();
     for (int64_t r = 0; r < R; ++r) ap[pl.row_slot[r]] = nnz[r];
@@ -539,7 +574,7 @@ Tensor moex_down_cpu(const Tensor& h_in, const Tensor& offsets_in, const Tensor&
   const Tensor h = h_in.contiguous(), w_dec = w_dec_in.contiguous();
   Tensor y = at::empty({R, d}, h.options());
   std::vector<int32_t> nnz(R);
-  if (R > 0 && d > 0) moex_down_projection(h.data_ptr<float>(), off, M, D, d, w_dec, nullptr, md, nnz.data(), y.data_ptr<float>());
+  if (R > 0 && d > 0) moex_down_projection(h, off, M, D, d, w_dec, nullptr, md, nnz.data(), y);
   return y;
 }
 
