@@ -487,3 +487,20 @@ def test_demo_quick_mode_runs():
     for needle in ("chosen experts", "unchosen experts", "||z||_0", "sparse down-projection",
                    "loss"):
         assert needle in out, out
+
+
+def test_layer_compiles_fullgraph():
+    torch.manual_seed(0)
+    layer = MoEXLayer(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 16)
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    y.sum().backward()
+    g = layer.w_enc.grad.clone()
+    layer.zero_grad()
+    torch.testing.assert_close(y, layer(x), **F32)
+    layer(x).sum().backward()
+    torch.testing.assert_close(g, layer.w_enc.grad, **F32)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x),
+                                   layer(x), **F32)

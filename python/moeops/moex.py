@@ -95,7 +95,7 @@ class MoEXLayer(nn.Module):
         otherwise cached until the weights change (in-place updates bump tensor versions)."""
         needs_grad = torch.is_grad_enabled() and (
             self.w_enc.requires_grad or (self.b_enc is not None and self.b_enc.requires_grad))
-        if needs_grad:
+        if needs_grad or torch.compiler.is_compiling():  # no Python-side cache in compiled graphs
             self._stats_cache = None
             return moex_ops.moex_router_stats(self.w_enc, self.b_enc, backend=self.backend)
         key = (self.w_enc.data_ptr(), self.w_enc._version, self.w_enc.device, self.w_enc.dtype,

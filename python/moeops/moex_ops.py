@@ -225,10 +225,11 @@ def _experts_setup(ctx, inputs, output):
 
 def _experts_backward(ctx, grad, g_active):
     hidden, ids, weights, w_enc, b_enc, w_dec, b_dec = ctx.saved_tensors
-    # the same math as fused_experts with non-gated ReLU experts and w_down = w_dec^T
+    # the same math as fused_experts with non-gated ReLU experts and w_down = w_dec^T (a
+    # contiguous copy: that op's fake kernel assumes its outputs have its inputs' strides)
     gh, gw, genc, gdec_t, gbe, gbd, _, _ = _fused_experts_backward(
-        grad.contiguous(), hidden, ids, weights, w_enc, w_dec.transpose(1, 2), b_enc, b_dec,
-        "relu", False, None, None, None)
+        grad.contiguous(), hidden, ids, weights, w_enc, w_dec.transpose(1, 2).contiguous(), b_enc,
+        b_dec, "relu", False, None, None, None)
     has_be, has_bd = ctx.has
     return (gh, None, gw, genc, gbe if has_be else None, gdec_t.transpose(1, 2).contiguous(),
             gbd if has_bd else None, None, None)

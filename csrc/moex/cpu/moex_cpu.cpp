@@ -429,7 +429,7 @@ void moex_down_projection(const Tensor& U, const std::vector<int32_t>& off, int6
   std::vector<DownItem> items;
   for (size_t gi = 0; gi < groups.size(); ++gi)
     for (int64_t c0 = 0; c0 < d; c0 += cb) items.push_back({static_cast<int32_t>(gi), c0, std::min(c0 + cb, d)});
-    cpu::dispatch_float(to_dtype(w_dec, "w_dec"), [&](auto tag) {
+  cpu::dispatch_float(to_dtype(w_dec, "w_dec"), [&](auto tag) {
     using W = decltype(tag);
     const W* wd = static_cast<const W*>(w_dec.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
