@@ -118,9 +118,11 @@ MOEOPS_AVX2 void down_block_avx2(const float* A, int64_t lda, const int32_t* idx
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  constexpr int64_t kAhead = 8;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = idx[j];
     const W* b = B + i * ldb;
+    if (j + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(B + idx[j + kAhead] * ldb), _MM_HINT_T0);
     __m256 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = cpu::load8(b + 8 * v);
@@ -142,9 +144,16 @@ MOEOPS_AVX2 void down_row_avx2(const float* A, const int32_t* idx, int64_t n, co
   __m256 acc[NV];
 #pragma GCC unroll 12
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  constexpr int64_t kAhead = 8;  // software prefetch: gathered rows defeat the hardware prefetcher
+  constexpr int kLines = (NV * 8 * static_cast<int>(sizeof(W)) + 63) / 64;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = idx[j];
     const W* b = B + i * ldb;
+    if (j + kAhead < n) {
+      const char* pf = reinterpret_cast<const char*>(B + idx[j + kAhead] * ldb);
+#pragma GCC unroll 12
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+    }
     const __m256 a = _mm256_broadcast_ss(A + i);
 #pragma GCC unroll 12
     for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(a, cpu::load8(b + 8 * v), acc[v]);
