@@ -369,11 +369,30 @@ void moex_down_projection(const Tensor& U, const std::vector<int32_t>& off, int6
   std::iota(iota.begin(), iota.end(), 0);
   std::vector<int64_t> union_off(tiles.size() + 1, 0);
   for (size_t t = 0; t < tiles.size(); ++t) union_off[t + 1] = union_off[t] + D;
+  // Dense fallback for fp32 decoders: a whole expert through torch's GEMM (at::mm), chosen by
+  // `auto` when its tiles' estimated sparse cost exceeds the GEMM's (which does a unit-row about
+  // twice as fast as the register kernel above once an expert has >= 8 rows; measured at
+  // MoE-X-S: docs/moex.md), and always by `dense`. Its summation order differs from the
+  // sparse paths': results agree to fp32 rounding. Every sparse path costs at least sum(nnz)
+  // unit-rows, so experts above the GEMM's cost by that bound are decided before any unit
+  // lists are built.
+  const bool gemm_ok = w_dec.scalar_type() == at::kFloat && down != MoexDown::Sparse;
+  auto gemm_cost = [D](int64_t n) { return (n >= 8 ? 0.5 : 0.9) * static_cast<double>(n * D); };
+  std::vector<uint8_t> use_gemm(M, 0);
+  if (gemm_ok) {
+    for (int64_t e = 0; e < M; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      double sum_nnz = 0.0;
+      for (int64_t r = off[e]; r < off[e + 1]; ++r) sum_nnz += nnz[r];
+      use_gemm[e] = n > 0 && (down == MoexDown::Dense || sum_nnz > gemm_cost(n));
+    }
+  }
   std::vector<int32_t> unions(down == MoexDown::Dense ? 0 : union_off.back());
   if (down != MoexDown::Dense) {
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t t = b; t < end; ++t) {
         Tile& tl = tiles[t];
+        if (use_gemm[tl.e]) continue;
         const int64_t rows = tl.r1 - tl.r0;
         int64_t sum_nnz = 0;
         for (int64_t r = tl.r0; r < tl.r1; ++r) sum_nnz += nnz[r];
@@ -403,20 +422,12 @@ void moex_down_projection(const Tensor& U, const std::vector<int32_t>& off, int6
     });
   }
 
-  // Dense fallback for fp32 decoders: a whole expert through torch's GEMM (at::mm), chosen by
-  // `auto` when its tiles' estimated sparse cost exceeds the GEMM's (which does a unit-row about
-  // twice as fast as the register kernel above once an expert has >= 8 rows; measured at
-  // MoE-X-S: docs/moex.md), and always by `dense`. Its summation order differs from the
-  // sparse paths': results agree to fp32 rounding.
-  std::vector<uint8_t> use_gemm(M, 0);
-  if (w_dec.scalar_type() == at::kFloat && down != MoexDown::Sparse) {
+  if (gemm_ok) {  // experts whose tiles' estimated sparse cost exceeds the GEMM's
     std::vector<double> sparse_cost(M, 0.0);
     for (const Tile& tl : tiles) sparse_cost[tl.e] += tl.cost;
     for (int64_t e = 0; e < M; ++e) {
       const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      const double k_gemm = n >= 8 ? 0.5 : 0.9;
-      use_gemm[e] = down == MoexDown::Dense || sparse_cost[e] > k_gemm * static_cast<double>(n * D);
+      if (n > 0 && sparse_cost[e] > gemm_cost(n)) use_gemm[e] = 1;
     }
     tiles.erase(std::remove_if(tiles.begin(), tiles.end(), [&](const Tile& tl) { return use_gemm[tl.e] != 0; }),
                 tiles.end());
