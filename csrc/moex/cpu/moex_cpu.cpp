@@ -373,18 +373,28 @@ void moex_down_projection(const Tensor& U, const std::vector<int32_t>& off, int6
   // `auto` when its tiles' estimated sparse cost exceeds the GEMM's (which does a unit-row about
   // twice as fast as the register kernel above once an expert has >= 8 rows; measured at
   // MoE-X-S: docs/moex.md), and always by `dense`. Its summation order differs from the
-  // sparse paths': results agree to fp32 rounding. Every sparse path costs at least sum(nnz)
-  // unit-rows, so experts above the GEMM's cost by that bound are decided before any unit
-  // lists are built.
+  // sparse paths': results agree to fp32 rounding.
   const bool gemm_ok = w_dec.scalar_type() == at::kFloat && down != MoexDown::Sparse;
   auto gemm_cost = [D](int64_t n) { return (n >= 8 ? 0.5 : 0.9) * static_cast<double>(n * D); };
+  // The tiles' union sizes are estimated first as for independent units (expected union of rows
+  // with densities p_r: D * (1 - prod(1 - p_r))), so high-density experts go to the GEMM without
+  // building any union list.
   std::vector<uint8_t> use_gemm(M, 0);
   if (gemm_ok) {
     for (int64_t e = 0; e < M; ++e) {
       const int64_t n = off[e + 1] - off[e];
-      double sum_nnz = 0.0;
-      for (int64_t r = off[e]; r < off[e + 1]; ++r) sum_nnz += nnz[r];
-      use_gemm[e] = n > 0 && (down == MoexDown::Dense || sum_nnz > gemm_cost(n));
+      double est = 0.0;
+      for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kTileRows) {
+        const int64_t r1 = std::min<int64_t>(r0 + kTileRows, off[e + 1]);
+        double sum_nnz = 0.0, none = 1.0;
+        for (int64_t r = r0; r < r1; ++r) {
+          sum_nnz += nnz[r];
+          none *= 1.0 - static_cast<double>(nnz[r]) / static_cast<double>(D);
+        }
+        const double c_union = static_cast<double>(D) * (1.0 - none) * static_cast<double>(r1 - r0);
+        est += r1 - r0 == 1 ? 1.25 * sum_nnz : std::min(1.25 * sum_nnz, c_union);
+      }
+      use_gemm[e] = n > 0 && (down == MoexDown::Dense || est > gemm_cost(n));
     }
   }
   std::vector<int32_t> unions(down == MoexDown::Dense ? 0 : union_off.back());
