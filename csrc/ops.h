@@ -54,4 +54,27 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor&
                           const std::optional<Tensor>& shared_gate);
 #endif
 
+// MoE-X (csrc/moex): router statistics, sparsity-aware routing, ReLU experts with a sparse
+// down-projection, wide-code export.
+std::tuple<Tensor, Tensor, Tensor> moex_router_stats_cpu(const Tensor& w_enc, const std::optional<Tensor>& b_enc);
+#define MOEOPS_MOEX_ROUTE_ARGS                                                                          \
+  const Tensor &x, const Tensor &mu, const Tensor &var, const Tensor &bias_mean, int64_t k,            \
+      std::string_view select, const std::optional<Tensor>&mask, std::string_view mask_mode,           \
+      const std::optional<Tensor>&forced, bool return_density
+#define MOEOPS_MOEX_EXPERTS_ARGS                                                                        \
+  const Tensor &hidden, const Tensor &ids, const Tensor &weights, const Tensor &w_enc,                 \
+      const std::optional<Tensor>&b_enc, const Tensor &w_dec, const std::optional<Tensor>&b_dec,       \
+      std::string_view down, bool return_active
+std::tuple<Tensor, Tensor, Tensor> moex_route_cpu(MOEOPS_MOEX_ROUTE_ARGS);
+std::tuple<Tensor, Tensor> moex_experts_cpu(MOEOPS_MOEX_EXPERTS_ARGS);
+Tensor moex_down_cpu(const Tensor& h, const Tensor& offsets, const Tensor& w_dec, std::string_view down);
+std::tuple<Tensor, Tensor, Tensor, Tensor> moex_code_cpu(const Tensor& hidden, const Tensor& ids,
+                                                          const Tensor& weights, const Tensor& w_enc,
+                                                          const std::optional<Tensor>& b_enc);
+#ifdef MOEOPS_WITH_CUDA
+std::tuple<Tensor, Tensor, Tensor> moex_router_stats_cuda(const Tensor& w_enc, const std::optional<Tensor>& b_enc);
+std::tuple<Tensor, Tensor, Tensor> moex_route_cuda(MOEOPS_MOEX_ROUTE_ARGS);
+std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS);
+#endif
+
 }  // namespace moeops

@@ -42,6 +42,23 @@ TORCH_LIBRARY(moeops, m) {
       "Tensor? b_up=None, Tensor? b_down=None, str activation=\"silu\", bool gated=True, "
       "Tensor? gain=None, Tensor? shared_out=None, Tensor? shared_gate=None) -> (Tensor out, "
       "Tensor slot_norms, Tensor out_absmax, Tensor out_absmax_channel, Tensor in_absmax, Tensor active_units)");
+  // MoE-X: w_enc [M,D,d], b_enc [M,D] -> mu [M,d], var [M,d] (population, over D), bias_mean [M]
+  m.def("moex_router_stats(Tensor w_enc, Tensor? b_enc=None) -> (Tensor mu, Tensor var, Tensor bias_mean)");
+  // x [T,d] -> weights [T,k] f32 (softmax over the selected scores), ids [T,k] i32, density [T,M] or [0]
+  m.def(
+      "moex_route(Tensor x, Tensor mu, Tensor var, Tensor bias_mean, int k, str select=\"sparsest\", "
+      "Tensor? mask=None, str mask_mode=\"reroute\", Tensor? forced=None, bool return_density=False) "
+      "-> (Tensor weights, Tensor ids, Tensor density)");
+  // ReLU experts, decoder unit-major: w_enc, w_dec [M,D,d] -> out [T,d], active [T,K] i32 or [0]
+  m.def(
+      "moex_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor w_enc, Tensor? b_enc, Tensor w_dec, "
+      "Tensor? b_dec=None, str down=\"auto\", bool return_active=False) -> (Tensor out, Tensor active)");
+  // wide code z [T, M*D] as CSR: indptr [T+1] i64, indices [nnz] i64 (j*D+i), values [nnz] f32, l0 [T] i32
+  m.def(
+      "moex_code(Tensor hidden, Tensor ids, Tensor weights, Tensor w_enc, Tensor? b_enc=None) "
+      "-> (Tensor indptr, Tensor indices, Tensor values, Tensor l0)");
+  // internal (benchmarks): MoE-X down-projection alone, h [R,D] f32 grouped by offsets [M+1] -> y [R,d]
+  m.def("_moex_down(Tensor h, Tensor offsets, Tensor w_dec, str down=\"auto\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeops, CPU, m) {
@@ -53,6 +70,11 @@ TORCH_LIBRARY_IMPL(moeops, CPU, m) {
   m.impl("fused_experts", &moeops::fused_experts_cpu);
   m.impl("fused_experts_list", &moeops::fused_experts_list_cpu);
   m.impl("fused_experts_stats", &moeops::fused_experts_stats_cpu);
+  m.impl("moex_router_stats", &moeops::moex_router_stats_cpu);
+  m.impl("moex_route", &moeops::moex_route_cpu);
+  m.impl("moex_experts", &moeops::moex_experts_cpu);
+  m.impl("moex_code", &moeops::moex_code_cpu);
+  m.impl("_moex_down", &moeops::moex_down_cpu);
 }
 
 #ifdef MOEOPS_WITH_CUDA
@@ -63,6 +85,9 @@ TORCH_LIBRARY_IMPL(moeops, CUDA, m) {
   m.impl("combine", &moeops::combine_cuda);
   m.impl("grouped_gemm", &moeops::grouped_gemm_cuda);
   m.impl("fused_experts", &moeops::fused_experts_cuda);
+  m.impl("moex_router_stats", &moeops::moex_router_stats_cuda);
+  m.impl("moex_route", &moeops::moex_route_cuda);
+  m.impl("moex_experts", &moeops::moex_experts_cuda);
 }
 #endif
 

@@ -191,3 +191,81 @@ def _fused_experts_stats_samples(device):
 
 
 SAMPLES["fused_experts_stats"] = _fused_experts_stats_samples
+# ----------------------------------------------------------------------------- MoE-X
+
+def _moex_weights(device, M=4, D=12, d=8, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    w_enc = (torch.randn(M, D, d, generator=g) * 0.4 + torch.randn(M, 1, d, generator=g) * 0.2)
+    b_enc = torch.randn(M, D, generator=g) * 0.3
+    w_dec = torch.randn(M, D, d, generator=g) * 0.3
+    b_dec = torch.randn(M, d, generator=g) * 0.1
+    return [t.to(device) for t in (w_enc, b_enc, w_dec, b_dec)]
+
+
+def moex_router_stats_samples(device):
+    w_enc, b_enc, _, _ = _moex_weights(device)
+    return [
+        ((w_enc,), {}),
+        ((w_enc, b_enc), {}),
+        ((w_enc.bfloat16(), b_enc.bfloat16()), {}),
+        ((w_enc.clone().requires_grad_(), b_enc.clone().requires_grad_()), {}),
+    ]
+
+
+def moex_route_samples(device):
+    from moeops import reference
+    w_enc, b_enc, _, _ = _moex_weights(device)
+    mu, var, bm = reference.moex_router_stats(w_enc, b_enc)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 8, generator=g).to(device)
+    mask = torch.zeros(4, dtype=torch.bool, device=device)
+    mask[1] = True
+    forced = torch.zeros(6, 4, dtype=torch.bool, device=device)
+    forced[:, 3] = True
+    return [
+        ((x, mu, var, bm, 2), {}),
+        ((x, mu, var, bm, 2), dict(select="densest", return_density=True)),
+        ((x.bfloat16(), mu, var, bm, 3), dict(mask=mask, mask_mode="drop_renorm", forced=forced)),
+        ((x, mu, var, bm, 2), dict(mask=mask)),
+        ((x[:0], mu, var, bm, 2), {}),
+        ((x.clone().requires_grad_(), mu.clone().requires_grad_(), var.clone().requires_grad_(),
+          bm.clone().requires_grad_(), 2), dict(return_density=True)),
+    ]
+
+
+def moex_experts_samples(device):
+    w_enc, b_enc, w_dec, b_dec = _moex_weights(device)
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(6, 8, generator=g).to(device)
+    ids = torch.tensor([[0, 1], [3, -1], [1, 3], [0, 3], [-1, 1], [3, 0]], dtype=torch.int32,
+                       device=device)
+    w = torch.rand(6, 2, generator=g).to(device)
+    bf = torch.bfloat16
+    return [
+        ((h, ids, w, w_enc, b_enc, w_dec, b_dec), {}),
+        ((h, ids, w, w_enc, None, w_dec), dict(down="dense", return_active=True)),
+        ((h.to(bf), ids, w, w_enc.to(bf), b_enc, w_dec.to(bf), b_dec), dict(down="sparse")),
+        ((h[:0], ids[:0], w[:0], w_enc, b_enc, w_dec, b_dec), dict(return_active=True)),
+        ((h.clone().requires_grad_(), ids, w.clone().requires_grad_(),
+          w_enc.clone().requires_grad_(), b_enc.clone().requires_grad_(),
+          w_dec.clone().requires_grad_(), b_dec.clone().requires_grad_()), {}),
+    ]
+
+
+def moex_code_samples(device):
+    w_enc, b_enc, _, _ = _moex_weights(device)
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(5, 8, generator=g).to(device)
+    ids = torch.tensor([[0, 1], [3, -1], [2, 2], [0, 3], [-1, -1]], dtype=torch.int32,
+                       device=device)
+    w = torch.rand(5, 2, generator=g).to(device)
+    return [
+        ((h, ids, w, w_enc, b_enc), {}),
+        ((h.bfloat16(), ids, w, w_enc, None), {}),
+    ]
+
+
+SAMPLES["moex_router_stats"] = moex_router_stats_samples
+SAMPLES["moex_route"] = moex_route_samples
+SAMPLES["moex_experts"] = moex_experts_samples
+SAMPLES["moex_code"] = moex_code_samples

@@ -572,3 +572,137 @@ def test_fused_experts_list_matches_reference(c):
     torch.testing.assert_close(got.float(), want.float(), **_fe_tol(c))
     # documented: exactly the arithmetic of fused_experts on the stacked weights
     torch.testing.assert_close(got, stacked, rtol=0, atol=0)
+
+
+# ============================================================================ MoE-X
+
+@st.composite
+def moex_route_cases(draw):
+    M = draw(st.integers(1, 40))
+    return dict(T=draw(st.integers(0, 24)), d=draw(st.integers(1, 40)), M=M,
+                k=draw(st.integers(1, M)), select=draw(st.sampled_from(["sparsest", "densest"])),
+                xdt=draw(st.sampled_from(DTYPES)),
+                xpattern=draw(st.sampled_from(["normal", "zeros_rows", "specials"])),
+                mask=draw(st.sampled_from(["none", "per_expert", "per_token"])),
+                mask_mode=draw(st.sampled_from(ref.MASK_MODES)),
+                forced=draw(st.sampled_from(["none", "per_expert", "per_token"])),
+                layout=draw(st.sampled_from(["contig", "padded", "every_other", "colmajor"])),
+                isa=draw(st.sampled_from(ISAS)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _moex_route_edge(**over):
+    base = dict(T=4, d=6, M=5, k=2, select="sparsest", xdt=torch.float32, xpattern="normal",
+                mask="none", mask_mode="reroute", forced="none", layout="contig", isa=ISAS[-1],
+                seed=0)
+    base.update(over)
+    return base
+
+
+@settings(max_examples=_examples(0.35))
+@given(c=moex_route_cases())
+@example(c=_moex_route_edge(T=0))
+@example(c=_moex_route_edge(xpattern="zeros_rows"))       # sigma_h = 0: the limit values
+@example(c=_moex_route_edge(xpattern="specials", forced="per_token", mask="per_expert",
+                            mask_mode="drop_renorm"))
+@example(c=_moex_route_edge(M=1, k=1, mask="per_expert"))
+def test_moex_route_matches_reference(c):
+    g = _gen(c["seed"])
+    T, d, M, k = c["T"], c["d"], c["M"], c["k"]
+    w_enc = torch.randn(M, 8, d, generator=g) * 0.5 + torch.randn(M, 1, d, generator=g) * 0.3
+    b_enc = torch.randn(M, 8, generator=g) * 0.5
+    mu, var, bm = ref.moex_router_stats(w_enc, b_enc)
+    x = torch.randn(T, d, generator=g)
+    if c["xpattern"] == "zeros_rows" and T:
+        x[torch.rand(T, generator=g) < 0.5] = 0.0
+    if c["xpattern"] == "specials" and T:
+        pos = torch.randint(0, T * d, (max(1, T * d // 10),), generator=g)
+        x.view(-1)[pos] = torch.tensor([float("nan"), float("inf"), float("-inf")])[
+            torch.randint(0, 3, pos.shape, generator=g)]
+    x = x.to(c["xdt"])
+    mask = _bool_tensor(c["mask"], T, M, 0.3, g)
+    forced = _bool_tensor(c["forced"], T, M, 0.2, g)
+    args = (mu, var, bm, k, c["select"], mask, c["mask_mode"], forced, True)
+    with _with_isa(c["isa"]):
+        w, ids, dens = _ops.moex_route(_layout(x, c["layout"]), *args)
+    rw, rids, rdens = ref.moex_route(x, *args)
+    torch.testing.assert_close(dens, rdens, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # ids exactly, except where two experts' scores are within rounding of each other
+    if not torch.equal(ids, rids):
+        s = -rdens if c["select"] == "sparsest" else rdens
+        for t in torch.nonzero((ids != rids).any(1)).flatten().tolist():
+            a = s[t, ids[t].clamp(min=0).long()]
+            b = s[t, rids[t].clamp(min=0).long()]
+            assert bool(((a - b).abs() <= 1e-6).all()), (t, ids[t], rids[t], s[t])
+        return
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    # reference-free invariants: ids in [-1, M), unique per token, weights 0 on empty slots
+    assert bool(((ids >= -1) & (ids < M)).all())
+    for t in range(T):
+        v = ids[t][ids[t] >= 0]
+        assert v.unique().numel() == v.numel()
+    assert bool((w[ids < 0] == 0).all())
+    if mask is not None and c["mask_mode"] == "reroute":
+        mb = mask.expand(T, M)
+        fb = forced.expand(T, M) if forced is not None else torch.zeros(T, M, dtype=torch.bool)
+        chosen_masked = mb.gather(1, ids.clamp(min=0).long()) & (ids >= 0) & \
+            ~fb.gather(1, ids.clamp(min=0).long())
+        assert not bool(chosen_masked.any())
+
+
+@st.composite
+def moex_expert_cases(draw):
+    M = draw(st.integers(1, 6))
+    return dict(T=draw(st.integers(0, 20)), d=draw(st.integers(1, 40)), D=draw(st.integers(1, 70)),
+                M=M, K=draw(st.integers(1, M)), hdt=draw(st.sampled_from(DTYPES)),
+                wdt=draw(st.sampled_from(DTYPES)), bias=draw(st.booleans()),
+                density=draw(st.sampled_from([0.0, 0.05, 0.3, 0.9, 1.0])),
+                empty=draw(st.sampled_from([0.0, 0.3, 1.0])),
+                layout=draw(st.sampled_from(["contig", "padded", "every_other"])),
+                isa=draw(st.sampled_from(ISAS)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _moex_exp_edge(**over):
+    base = dict(T=5, d=9, D=13, M=3, K=2, hdt=torch.float32, wdt=torch.float32, bias=True,
+                density=0.3, empty=0.0, layout="contig", isa=ISAS[-1], seed=0)
+    base.update(over)
+    return base
+
+
+@settings(max_examples=_examples(0.35))
+@given(c=moex_expert_cases())
+@example(c=_moex_exp_edge(T=0))
+@example(c=_moex_exp_edge(empty=1.0))
+@example(c=_moex_exp_edge(density=0.0))                    # every unit inactive: y = b_dec
+@example(c=_moex_exp_edge(T=20, D=70, d=40, density=0.05, isa=ISAS[0]))
+def test_moex_experts_matches_reference(c):
+    g = _gen(c["seed"])
+    T, d, D, M, K = c["T"], c["d"], c["D"], c["M"], c["K"]
+    hidden = _randn((T, d), c["hdt"], g)
+    ids = _random_ids(T, K, M, c["empty"], g)
+    weights = torch.where(ids >= 0, torch.rand(T, K, generator=g), 0.0)
+    w_enc = _randn((M, D, d), c["wdt"], g, 1 / math.sqrt(d))
+    w_dec = _randn((M, D, d), c["wdt"], g, 1 / math.sqrt(D))
+    # encoder bias sets the fraction of active units (density 0 / 1: none / all)
+    z = {0.0: -1e4, 1.0: 1e4}.get(c["density"], float(torch.special.ndtri(torch.tensor(c["density"]))))
+    b_enc = (z * w_enc.float().norm(dim=2)).to(c["wdt"]) if c["bias"] or c["density"] in (0.0, 1.0) \
+        else None
+    b_dec = _randn((M, d), c["wdt"], g, 0.1) if c["bias"] else None
+    args = (ids, weights, w_enc, b_enc, w_dec, b_dec)
+    outs = []
+    with _with_isa(c["isa"]):
+        for down in ("auto", "dense", "sparse"):
+            outs.append(_ops.moex_experts(_layout(hidden, c["layout"]), *args, down, True))
+    want, want_active = ref.moex_experts(hidden, *args, "auto", True)
+    dt = c["hdt"] if c["hdt"] != torch.float32 else c["wdt"]
+    torch.testing.assert_close(outs[0][0].float(), want.float(), **MM_TOL[dt])
+    assert torch.equal(outs[0][1], want_active)
+    # reference-free: the three down-projection paths agree (same bits without the fp32 GEMM
+    # fallback; to rounding with it)
+    for o, a in outs[1:]:
+        assert torch.equal(a, outs[0][1])
+        if c["wdt"] != torch.float32:
+            assert torch.equal(o, outs[0][0])
+        else:
+            torch.testing.assert_close(o.float(), outs[0][0].float(), **MM_TOL[dt])
+    if c["density"] == 0.0 and T:
+        assert bool((want_active == 0).all())

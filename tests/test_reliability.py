@@ -62,6 +62,7 @@ def valid():
     ops.grouped_gemm(gx, gw, offsets)
     ops.fused_experts(hidden, ids, wts, w_up, w_down)
     ops.fused_experts_list(hidden, ids, wts, wg, wu, wd)
+    moex_valid()
 
 # edge inputs that look bad but are defined (docs/ops.md): must succeed and match the reference
 from moeops import reference as ref
@@ -220,6 +221,68 @@ case("fel_noncontiguous", "w_gate", lambda: FEL(w_gate=wg[:-1] + [torch.zeros(H,
 case("fel_weights_wrong", "weights", lambda: FEL(weights=wts[:-1]))
 case("fel_w_up_meta", "w_up", lambda: FEL(w_up=wu[:-1] + [meta(wu[-1])]))
 
+# MoE-X (docs/moex.md)
+M, D = 4, 6
+w_enc = torch.randn(M, D, H, generator=g)
+b_enc = torch.randn(M, D, generator=g)
+w_dec = torch.randn(M, D, H, generator=g)
+b_dec = torch.randn(M, H, generator=g)
+mu, var, bm = ops.moex_router_stats(w_enc, b_enc)
+def moex_valid():
+    w, i, _ = ops.moex_route(hidden, mu, var, bm, K)
+    ops.moex_experts(hidden, i, w, w_enc, b_enc, w_dec, b_dec)
+    ops.moex_code(hidden, i, w, w_enc, b_enc)
+MS = lambda **kw: ops.moex_router_stats(kw.get("w_enc", w_enc), kw.get("b_enc", b_enc))
+case("mstats_w_2d", "w_enc", lambda: MS(w_enc=w_enc[0]))
+case("mstats_w_int", "w_enc", lambda: MS(w_enc=w_enc.int()))
+case("mstats_w_D0", "w_enc", lambda: MS(w_enc=w_enc[:, :0], b_enc=b_enc[:, :0]))
+case("mstats_w_M0", "w_enc", lambda: MS(w_enc=w_enc[:0], b_enc=b_enc[:0]))
+case("mstats_b_wrong", "b_enc", lambda: MS(b_enc=b_enc[:, :-1]))
+case("mstats_b_meta", "b_enc", lambda: MS(b_enc=meta(b_enc)))
+MR = lambda **kw: ops.moex_route(*[kw.get(n, d) for n, d in (
+    ("x", hidden), ("mu", mu), ("var", var), ("bias_mean", bm), ("k", K), ("select", "sparsest"),
+    ("mask", None), ("mask_mode", "reroute"), ("forced", None), ("return_density", False))])
+case("mroute_k_zero", "k", lambda: MR(k=0))
+case("mroute_k_gt_M", "k", lambda: MR(k=M + 1))
+case("mroute_k_int32max", "k", lambda: MR(k=BIG))
+case("mroute_x_1d", "x", lambda: MR(x=hidden[0]))
+case("mroute_x_int", "x", lambda: MR(x=hidden.int()))
+case("mroute_d_mismatch", "mu", lambda: MR(x=hidden[:, :-1]))
+case("mroute_var_shape", "var", lambda: MR(var=var[:-1]))
+case("mroute_mu_half", "mu", lambda: MR(mu=mu.half()))
+case("mroute_bias_mean_wrong", "bias_mean", lambda: MR(bias_mean=bm[:-1]))
+case("mroute_bad_select", "select", lambda: MR(select="dense"))
+case("mroute_bad_mask_mode", "mask_mode", lambda: MR(mask=torch.zeros(M, dtype=torch.bool), mask_mode="x"))
+case("mroute_mask_wrong", "mask", lambda: MR(mask=torch.zeros(M + 1, dtype=torch.bool)))
+case("mroute_forced_float", "forced", lambda: MR(forced=torch.zeros(M)))
+case("mroute_mu_meta", "mu", lambda: MR(mu=meta(mu)))
+MX = lambda **kw: ops.moex_experts(*[kw.get(n, d) for n, d in (
+    ("hidden", hidden), ("ids", ids), ("weights", wts), ("w_enc", w_enc), ("b_enc", b_enc),
+    ("w_dec", w_dec), ("b_dec", b_dec), ("down", "auto"), ("return_active", False))])
+case("mexp_id_eq_M", "ids", lambda: MX(ids=with_id(M)))
+case("mexp_id_huge", "ids", lambda: MX(ids=with_id(BIG)))
+case("mexp_id_int32min", "ids", lambda: MX(ids=with_id(IMIN)))
+case("mexp_ids_int64", "ids", lambda: MX(ids=ids.long()))
+case("mexp_weights_shape", "weights", lambda: MX(weights=wts[:, :1]))
+case("mexp_hidden_int", "hidden", lambda: MX(hidden=hidden.int()))
+case("mexp_w_enc_d_mismatch", "w_enc", lambda: MX(w_enc=w_enc[:, :, :-1]))
+case("mexp_w_dec_transposed", "w_dec", lambda: MX(w_dec=w_dec.transpose(1, 2)))
+case("mexp_w_dec_int", "w_dec", lambda: MX(w_dec=w_dec.int()))
+case("mexp_b_enc_wrong", "b_enc", lambda: MX(b_enc=b_enc[:-1]))
+case("mexp_b_dec_wrong", "b_dec", lambda: MX(b_dec=b_dec[:, :-1]))
+case("mexp_bad_down", "down", lambda: MX(down="fast"))
+case("mexp_w_dec_meta", "w_dec", lambda: MX(w_dec=meta(w_dec)))
+case("mexp_ids_meta", "ids", lambda: MX(ids=meta(ids)))
+MC = lambda **kw: ops.moex_code(*[kw.get(n, d) for n, d in (
+    ("hidden", hidden), ("ids", ids), ("weights", wts), ("w_enc", w_enc), ("b_enc", b_enc))])
+case("mcode_id_eq_M", "ids", lambda: MC(ids=with_id(M)))
+case("mcode_id_int32min", "ids", lambda: MC(ids=with_id(IMIN)))
+case("mcode_w_enc_2d", "w_enc", lambda: MC(w_enc=w_enc[0]))
+case("mcode_d_mismatch", "w_enc", lambda: MC(w_enc=w_enc[:, :, :-1]))
+case("mcode_b_enc_wrong", "b_enc", lambda: MC(b_enc=b_enc[:, :-1]))
+case("mcode_weights_meta", "weights", lambda: MC(weights=meta(wts)))
+case("mdown_offsets_wrong", "offsets", lambda: ops._moex_down(torch.zeros(3, D), torch.tensor([0, 1, 2, 3, 4], dtype=I32), w_dec))
+
 ALLOWED = (ValueError, TypeError, RuntimeError, IndexError)
 try:
     valid()
@@ -256,8 +319,9 @@ def _run(script):
                           timeout=SUBPROCESS_TIMEOUT)
 
 
-# One "ok" line per case: the valid calls, 2 defined edge inputs, 111 bad inputs.
-EXPECTED_OK = 114
+# One "ok" line per case: the valid calls, 2 defined edge inputs, 111 bad inputs, and 41 bad
+# inputs of the MoE-X ops.
+EXPECTED_OK = 114 + 41
 
 
 def test_bad_inputs_raise_and_never_crash():

@@ -26,6 +26,16 @@ from moeops.ops import (  # noqa: E402
     route_plan,
     topk_gating,
 )
+from moeops.moex_ops import (  # noqa: E402
+    MoexCode,
+    MoexExpertsResult,
+    MoexRouting,
+    MoexStats,
+    moex_code,
+    moex_experts,
+    moex_route,
+    moex_router_stats,
+)
 
 __version__ = "0.1.0"
 
@@ -73,4 +83,6 @@ __all__ = [
     "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
     "ExpertsStatsResult", "fused_experts_stats", "interventions",
+    "MoexCode", "MoexExpertsResult", "MoexRouting", "MoexStats", "moex_code", "moex_experts",
+    "moex_route", "moex_router_stats",
 ]

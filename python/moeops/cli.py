@@ -1,4 +1,4 @@
-"""Command line: ``moeops info``, ``moeops bench`` and ``moeops profile``."""
+"""Command line: ``moeops info``, ``moeops bench``, ``moeops profile`` and ``moeops moex-demo``."""
 
 from __future__ import annotations
 
@@ -84,7 +84,31 @@ def _bench(args) -> int:
         return _model_bench(args)
     if args.suite == "interventions":
         return _interventions_bench(args)
+    if args.suite == "moex":
+        return _moex_bench(args)
     return _experts_bench(args)
+
+
+def _moex_bench(args) -> int:
+    from moeops.bench_moex import format_moex_bench, format_row, HEADER, run_moex_bench
+
+    if args.device != "cpu":
+        raise SystemExit("moeops bench --suite moex: CPU only for now")
+    if not args.quiet and args.json != "-":
+        print(HEADER, file=sys.stderr)
+    res = run_moex_bench(tokens=tuple(args.tokens or (1, 4, 16, 64, 256)),
+                         densities=tuple(args.densities), budget=args.time_budget,
+                         cold=not args.warm,
+                         progress=None if args.quiet or args.json == "-" else
+                         (lambda line: print(line, file=sys.stderr)))
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_moex_bench(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+    return 0 if res["ok"] else 1
 
 
 def _model_bench(args) -> int:
@@ -152,7 +176,7 @@ def main(argv=None) -> int:
             "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs\n"
             "the reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
     b.add_argument("--suite", default="experts",
-                   choices=["experts", "routing", "model", "interventions"])
+                   choices=["experts", "routing", "model", "interventions", "moex"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     b.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -190,6 +214,12 @@ def main(argv=None) -> int:
     md = b.add_argument_group("model suite")
     md.add_argument("--layers", type=int, default=2, help="decoder layers of the demo model")
     md.add_argument("--new-tokens", type=int, default=16, help="greedy decode steps")
+    mx = b.add_argument_group("moex suite (MoE-X-S sparse vs dense down-projection; --tokens, "
+                              "--time-budget also apply)")
+    mx.add_argument("--densities", type=_csv(float), default=[0.1, 0.5],
+                    help="target ReLU densities, comma-separated (0.1,0.5)")
+    mx.add_argument("--warm", action="store_true",
+                    help="keep the caches warm (default: flush them before every timed call)")
     r = b.add_argument_group("routing suite")
     r.add_argument("--experts", type=int, default=128)
     r.add_argument("--top-k", type=int, default=8)
@@ -213,10 +243,17 @@ def main(argv=None) -> int:
                     help="heatmap path ('' for none; needs matplotlib)")
     pr.add_argument("--top-n", type=int, default=10, help="most distinctive experts per class")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo = sub.add_parser("moex-demo", help="MoE-X worked example: upcycle a GPT-2-shaped model, "
+                          "train briefly, report density / ||z||_0 / sparse speed")
+    from moeops.moex_demo import add_arguments as _moex_demo_args
+    _moex_demo_args(demo)
     args = p.parse_args(argv)
     if args.cmd == "profile":
         from moeops.profiling import main as profile_main
         return profile_main(args)
+    if args.cmd == "moex-demo":
+        from moeops.moex_demo import run_from_args
+        return run_from_args(args)
     if args.cmd == "info":
         from moeops.info import main as info_main
         return info_main()

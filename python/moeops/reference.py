@@ -376,3 +376,204 @@ def fused_experts_stats(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.
         in_max[e] = h.abs().max()
         active[e] = (h != 0).sum()
     return out, norms, out_max, channel, in_max, active
+
+
+# ----------------------------------------------------------------------------- MoE-X
+# Sparsity-aware routing and ReLU experts with a sparse down-projection (docs/moex.md).
+# Expert j: h_j = ReLU(W_enc[j] x + b_enc[j]) (W_enc [M, D, d]), y_j = h_j @ W_dec[j] + b_dec[j]
+# with the decoder stored as W_dec [M, D, d]: row i is unit i's contribution to the output, so
+# an active unit is one contiguous row.
+
+MOEX_SELECT = ("sparsest", "densest")
+MOEX_DOWN_MODES = ("auto", "dense", "sparse")
+_SQRT1_2 = 0.7071067811865476
+
+
+def moex_router_stats(w_enc: torch.Tensor, b_enc: torch.Tensor | None = None):
+    """Per-expert column statistics of the encoders ``w_enc [M, D, d]`` (and ``b_enc [M, D]``).
+
+    Returns ``(mu [M, d], var [M, d], bias_mean [M])`` in fp32: the mean and the *population*
+    variance (divide by D) over the D rows of each expert, and the mean encoder bias (zeros
+    when ``b_enc`` is None). Differentiable.
+    """
+    w = w_enc.float()
+    mu = w.mean(1)
+    var = (w - mu.unsqueeze(1)).square().mean(1)
+    if b_enc is not None:
+        bmean = b_enc.float().mean(1)
+    else:
+        bmean = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    return mu, var, bmean
+
+
+def moex_density(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor,
+                 bias_mean: torch.Tensor) -> torch.Tensor:
+    """Predicted active fraction ``Phi(mu_h / sigma_h)`` of every expert for every token, [T, M].
+
+    ``mu_h = x . mu_j + bias_mean_j``, ``sigma_h = sqrt((x*x) . var_j)``. When ``sigma_h == 0``
+    (x = 0 or an expert whose rows are all equal) every unit's pre-activation is exactly
+    ``mu_h``, and the density is the limit of Phi(mu_h / sigma) for sigma -> 0+: 1 if
+    ``mu_h > 0``, 0 if ``mu_h < 0``, 1/2 if ``mu_h == 0`` (gradient 0 there).
+    """
+    xf = x.float()
+    mu_h = xf @ mu.float().t() + bias_mean.float()
+    s2 = (xf * xf) @ var.float().t()
+    pos = s2 > 0
+    sigma = torch.sqrt(torch.where(pos, s2, 1.0))  # no inf gradient at 0
+    inf = torch.tensor(float("inf"), device=mu_h.device)
+    limit = torch.where(mu_h > 0, inf, torch.where(mu_h < 0, -inf, 0.0))
+    z = torch.where(pos, mu_h / sigma, limit)
+    z = torch.where(torch.isnan(mu_h) | torch.isnan(s2), float("nan"), z)
+    return 0.5 * torch.erfc(-z * _SQRT1_2)
+
+
+def moex_route(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, bias_mean: torch.Tensor,
+               k: int, select: str = "sparsest", mask: torch.Tensor | None = None,
+               mask_mode: str = "reroute", forced: torch.Tensor | None = None,
+               return_density: bool = False):
+    """MoE-X sparsity-aware routing of ``x [T, d]``.
+
+    Returns ``(weights [T, k] f32, ids [T, k] i32, density)`` with ``density`` the ``[T, M]``
+    predicted active fractions (:func:`moex_density`) if ``return_density`` else ``[0]``.
+
+    1. ``density = moex_density(x, mu, var, bias_mean)``; selection score ``s = -density``
+       (``select="sparsest"``, the paper's rule) or ``+density`` (``"densest"``, ablation).
+    2. Selection exactly as :func:`topk_gating` with ``sel = s``: an expert is available unless
+       its score is NaN or (``reroute``) it is masked; forced experts (score not NaN) rank
+       first; then ``s`` descending, ties to the lower expert index; missing experts give
+       empty slots (-1).
+    3. ``weights = softmax`` of ``s`` over the token's non-empty slots (0 for empty slots).
+    4. ``drop`` / ``drop_renorm``: selection and softmax as if unmasked, then the slots of
+       masked non-forced experts become empty; ``drop`` keeps the other weights,
+       ``drop_renorm`` rescales the survivors to the sum before dropping (``w / after * before``).
+    """
+    if select not in MOEX_SELECT:
+        raise ValueError(f"select must be one of {MOEX_SELECT}, got {select!r}")
+    density = moex_density(x, mu, var, bias_mean)
+    T, M = density.shape
+    s = -density if select == "sparsest" else density
+    neg_inf = torch.tensor(float("-inf"), device=s.device)
+    avail = ~torch.isnan(s)
+    mask_b = mask.bool().expand(T, M) if mask is not None else None
+    forced_b = forced.bool().expand(T, M) if forced is not None else torch.zeros_like(avail)
+    if mask_b is not None and mask_mode == "reroute":
+        avail = avail & ~mask_b
+    is_forced = forced_b & ~torch.isnan(s)
+    avail = avail | is_forced
+    tier = is_forced.int() + avail.int()
+    key = torch.where(avail, s, neg_inf)
+    order = _stable_desc_order(key)
+    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
+    ids = order[:, :k]
+    valid = avail.gather(1, ids)
+    ids = torch.where(valid, ids, -1)
+    logit = torch.where(valid, s.gather(1, ids.clamp(min=0)), neg_inf)
+    mx = torch.where(valid, logit, 0.0).max(-1, keepdim=True).values  # scores are in [-1, 1]
+    e = torch.where(valid, torch.exp(logit - mx), 0.0)
+    w = torch.where(valid, e / e.sum(-1, keepdim=True).clamp(min=1e-30), 0.0)
+    if mask_b is not None and mask_mode in ("drop", "drop_renorm"):
+        hit = valid & mask_b.gather(1, ids.clamp(min=0)) & ~forced_b.gather(1, ids.clamp(min=0))
+        before = w.sum(-1, keepdim=True)
+        w = torch.where(hit, 0.0, w)
+        ids = torch.where(hit, -1, ids)
+        if mask_mode == "drop_renorm":
+            after = w.sum(-1, keepdim=True)
+            w = torch.where(after > 0, w / after * before, w)
+    out_density = density if return_density else density.new_empty(0)
+    return w.float(), ids.to(torch.int32), out_density
+
+
+def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 w_enc: torch.Tensor, b_enc: torch.Tensor | None, w_dec: torch.Tensor,
+                 b_dec: torch.Tensor | None = None, down: str = "auto",
+                 return_active: bool = False):
+    """MoE-X ReLU experts: ``hidden [T, d] -> (out [T, d], active)``.
+
+    For each non-empty slot (token t, expert e = ids[t, k]): ``h = ReLU(x_t @ w_enc[e].T +
+    b_enc[e])`` (``w_enc [M, D, d]``), ``y = h @ w_dec[e] + b_dec[e]`` (``w_dec [M, D, d]``:
+    the decoder stored unit-major), ``out[t] += weights[t, k] * y`` in fp32 in slot order.
+    ``active [T, K]`` int32 is the number of units with ``h != 0`` (active, or NaN) of each slot (0 for empty
+    slots) if ``return_active`` else ``[0]``. ``down`` picks the kernel's down-projection path
+    (``"auto"``, ``"dense"``, ``"sparse"``); every path computes the same numbers, so the
+    reference ignores it. Output in ``hidden.dtype``, intermediates fp32.
+    """
+    if down not in MOEX_DOWN_MODES:
+        raise ValueError(f"down must be one of {MOEX_DOWN_MODES}, got {down!r}")
+    T, H = hidden.shape
+    K = ids.shape[1]
+    M = w_enc.shape[0]
+    x = hidden.float()
+    ys = torch.zeros(T, K, H, dtype=torch.float32, device=hidden.device)
+    active = torch.zeros(T, K, dtype=torch.int32, device=hidden.device)
+    idl = ids.long()
+    for e in range(M):
+        t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        u = x[t_idx] @ w_enc[e].float().t()
+        if b_enc is not None:
+            u = u + b_enc[e].float()
+        h = torch.relu(u)
+        active[t_idx, k_idx] = (h != 0).sum(1).int()  # NaN counts
+        y = h @ w_dec[e].float()
+        if b_dec is not None:
+            y = y + b_dec[e].float()
+        ys = ys.index_put((t_idx, k_idx), y * weights[t_idx, k_idx].float().unsqueeze(1))
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    for k in range(K):
+        out = out + ys[:, k]
+    return out.to(hidden.dtype), active if return_active else active.new_empty(0)
+
+
+def moex_wide_code_dense(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         w_enc: torch.Tensor, b_enc: torch.Tensor | None) -> torch.Tensor:
+    """The wide hidden code ``z [T, M*D]`` (fp32, dense): ``z[t, j*D + i] = omega_j h_{j,i}``
+    with ``omega_j`` the summed weight of the token's slots routed to expert j (0 if none)."""
+    T = hidden.shape[0]
+    M, D, _ = w_enc.shape
+    x = hidden.float()
+    u = torch.einsum("td,mkd->tmk", x, w_enc.float())
+    if b_enc is not None:
+        u = u + b_enc.float().unsqueeze(0)
+    h = torch.relu(u)  # [T, M, D]
+    omega = torch.zeros(T, M, dtype=torch.float32, device=hidden.device)
+    valid = ids >= 0
+    omega.index_put_((torch.arange(T, device=hidden.device).unsqueeze(1).expand_as(ids)[valid],
+                      ids.long()[valid]), weights.float()[valid], accumulate=True)
+    return (omega.unsqueeze(-1) * h).reshape(T, M * D)
+
+
+def moex_as_wide_mlp(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     w_enc: torch.Tensor, b_enc: torch.Tensor | None, w_dec: torch.Tensor,
+                     b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE-X layer written as one wide MLP of width M*D (the paper's equivalence):
+    ``y = z @ W_dec_wide + sum_j omega_j b_dec[j]`` with ``W_dec_wide = w_dec.reshape(M*D, d)``
+    and ``z`` from :func:`moex_wide_code_dense`. fp32 result (equivalence oracle)."""
+    M, D, d = w_dec.shape
+    z = moex_wide_code_dense(hidden, ids, weights, w_enc, b_enc)
+    y = z @ w_dec.float().reshape(M * D, d)
+    if b_dec is not None:
+        omega = torch.zeros(hidden.shape[0], M, dtype=torch.float32, device=hidden.device)
+        valid = ids >= 0
+        omega.index_put_((torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+                          .expand_as(ids)[valid], ids.long()[valid]), weights.float()[valid],
+                         accumulate=True)
+        y = y + omega @ b_dec.float()
+    return y
+
+
+def moex_code(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              w_enc: torch.Tensor, b_enc: torch.Tensor | None = None):
+    """Wide-code export: the non-zeros of ``z`` (:func:`moex_wide_code_dense`) per token, CSR.
+
+    Returns ``(indptr [T+1] i64, indices [nnz] i64, values [nnz] f32, l0 [T] i32)``: token t's
+    entries are ``indptr[t]:indptr[t+1]``, global unit indices ``j*D + i`` ascending, values
+    ``omega_j * h_{j,i}`` (exactly the non-zeros of z), ``l0[t] = ||z_t||_0``.
+    """
+    z = moex_wide_code_dense(hidden, ids, weights, w_enc, b_enc)
+    nz = z != 0
+    l0 = nz.sum(1)
+    indptr = torch.zeros(z.shape[0] + 1, dtype=torch.int64, device=z.device)
+    indptr[1:] = torch.cumsum(l0, 0)
+    t_idx, c_idx = torch.nonzero(nz, as_tuple=True)  # row-major: tokens, then index ascending
+    return indptr, c_idx, z[t_idx, c_idx], l0.int()

@@ -1,0 +1,76 @@
+// CUDA entry points of the MoE-X ops: validation/allocation (moex_prepare.h), then the launchers.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "moex/cuda/moex_launch.h"
+#include "moex/moex_prepare.h"
+#include "ops.h"
+
+namespace moeops {
+
+std::tuple<Tensor, Tensor, Tensor> moex_router_stats_cuda(const Tensor& w_enc, const std::optional<Tensor>& b_enc) {
+  TORCH_CHECK_VALUE(w_enc.is_cuda(), "moeops: moex_router_stats_cuda needs w_enc on CUDA, got ", w_enc.device());
+  const c10::cuda::CUDAGuard guard(w_enc.device());
+  MoexStatsPrepared s = prepare_moex_stats(w_enc, b_enc);
+  cuda::launch_moex_router_stats(s.p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {s.mu, s.var, s.bmean};
+}
+
+std::tuple<Tensor, Tensor, Tensor> moex_route_cuda(MOEOPS_MOEX_ROUTE_ARGS) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "moeops: moex_route_cuda needs x on CUDA, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  MoexRoutePrepared r = prepare_moex_route(x, mu, var, bias_mean, k, select, mask, mask_mode, forced, return_density);
+  if (r.p.T > 0) {
+    cuda::launch_moex_route(r.p, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {r.weights, r.ids, r.density};
+}
+
+std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
+  TORCH_CHECK_VALUE(hidden.is_cuda(), "moeops: moex_experts_cuda needs hidden on CUDA, got ", hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const MoexDims dm = check_moex_experts_args(hidden, ids, weights, w_enc, b_enc, w_dec, b_dec, down);
+  const Tensor ids_c = ids.contiguous(), w_c = weights.contiguous();
+  const Tensor enc = w_enc.contiguous(), dec = w_dec.contiguous();
+  const Tensor be = b_enc.has_value() ? moex_f32_contig(*b_enc) : Tensor();
+  const Tensor bd = b_dec.has_value() ? moex_f32_contig(*b_dec) : Tensor();
+  const Tensor h_in = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  Tensor out = at::empty({dm.T, dm.d}, hidden.options());
+  auto f32 = hidden.options().dtype(at::kFloat);
+  Tensor active = at::zeros({dm.T, dm.K}, ids.options());
+  Tensor hs = at::empty({dm.T * dm.K, dm.D}, f32), ys = at::empty({dm.T * dm.K, dm.d}, f32);
+  MoexExpertsParams p;
+  p.hidden = h_in.data_ptr();
+  p.hidden_dtype = to_dtype(h_in, "hidden");
+  p.hidden_stride = h_in.stride(0);
+  p.ids = ids_c.data_ptr<int32_t>();
+  p.weights = w_c.data_ptr<float>();
+  p.T = dm.T;
+  p.K = static_cast<int>(dm.K);
+  p.M = static_cast<int>(dm.M);
+  p.D = dm.D;
+  p.d = dm.d;
+  p.w_enc = enc.data_ptr();
+  p.enc_dtype = to_dtype(enc, "w_enc");
+  p.b_enc = be.defined() ? be.data_ptr<float>() : nullptr;
+  p.w_dec = dec.data_ptr();
+  p.dec_dtype = to_dtype(dec, "w_dec");
+  p.b_dec = bd.defined() ? bd.data_ptr<float>() : nullptr;
+  p.dense = dm.down == MoexDown::Dense;
+  p.h = hs.data_ptr<float>();
+  p.y = ys.data_ptr<float>();
+  p.active = active.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  if (dm.T > 0 && dm.d > 0) {
+    cuda::launch_moex_experts(p, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, return_active ? active : at::empty({0}, ids.options())};
+}
+
+}  // namespace moeops
