@@ -58,3 +58,26 @@ def test_wrappers_compile():
     logits, x = torch.randn(9, 6, generator=g), torch.randn(9, 4, generator=g)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(logits, x), f(logits, x))
+
+
+def test_compiled_backward_with_non_contiguous_weights():
+    """A compiled (inductor) training step with a transposed-view w_down gives eager's gradients
+    (the backward op's fake returns contiguous tensors, like the real op)."""
+    T, H, I, E, K = 6, 16, 8, 4, 2
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    ids = torch.randint(0, E, (T, K), generator=g).int()
+    w = torch.rand(T, K, generator=g)
+    w_up = (torch.randn(E, 2 * I, H, generator=g) * 0.2).requires_grad_()
+    w_down = (torch.randn(E, I, H, generator=g) * 0.2).transpose(1, 2).detach().requires_grad_()
+    assert not w_down.is_contiguous()
+
+    def step(h, wu, wd):
+        return moeops.fused_experts(h, ids, w, wu, wd).square().sum()
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
+        loss = fn(hidden, w_up, w_down)
+        grads.append(torch.autograd.grad(loss, (hidden, w_up, w_down)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

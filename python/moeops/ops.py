@@ -509,10 +509,9 @@ def _fused_experts_backward(grad: torch.Tensor, hidden: torch.Tensor, ids: torch
 @_fused_experts_backward.register_fake
 def _(grad, hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain, shared_out,
       shared_gate):
-    def like(t):
-        return torch.empty_like(t) if t is not None else hidden.new_empty(0)
-    return (torch.empty_like(hidden), torch.empty_like(weights), torch.empty_like(w_up),
-            torch.empty_like(w_down), like(b_up), like(b_down),
+    def like(t):  # the real op returns contiguous tensors, whatever the inputs' strides
+        return t.new_empty(t.shape) if t is not None else hidden.new_empty(0)
+    return (like(hidden), like(weights), like(w_up), like(w_down), like(b_up), like(b_down),
             like(shared_out), like(shared_gate if shared_out is not None else None))
 
 
