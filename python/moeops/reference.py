@@ -251,6 +251,23 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     return out.to(x.dtype)
 
 
+def _expert_mlp(x, e, w_up, w_down, b_up, b_down, activation, gated):
+    """Expert ``e`` on fp32 rows ``x``: ``(h, y)`` with ``h = act(x W_up^T + b_up)`` (times the
+    up half for gated experts) and ``y = h W_down^T + b_down``, all fp32."""
+    u = x @ w_up[e].float().t()
+    if b_up is not None:
+        u = u + b_up[e].float()
+    if gated:
+        i = u.shape[1] // 2
+        h = apply_activation(u[:, :i], activation) * u[:, i:]
+    else:
+        h = apply_activation(u, activation)
+    y = h @ w_down[e].float().t()
+    if b_down is not None:
+        y = y + b_down[e].float()
+    return h, y
+
+
 def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
                   b_down: torch.Tensor | None = None, activation: str = "silu",
@@ -285,17 +302,7 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
         t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)
         if t_idx.numel() == 0 or float(g[e]) == 0.0:
             continue
-        u = x[t_idx] @ w_up[e].float().t()
-        if b_up is not None:
-            u = u + b_up[e].float()
-        if gated:
-            i = u.shape[1] // 2
-            h = apply_activation(u[:, :i], activation) * u[:, i:]
-        else:
-            h = apply_activation(u, activation)
-        y = h @ w_down[e].float().t()
-        if b_down is not None:
-            y = y + b_down[e].float()
+        h, y = _expert_mlp(x[t_idx], e, w_up, w_down, b_up, b_down, activation, gated)
         ys = ys.index_put((t_idx, k_idx), y * (weights[t_idx, k_idx].float() * g[e]).unsqueeze(1))
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     for k in range(K):  # fixed slot order
@@ -357,17 +364,7 @@ def fused_experts_stats(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.
         t_idx, k_idx = torch.nonzero(idl == e, as_tuple=True)  # slot order (row-major)
         if t_idx.numel() == 0 or (gain is not None and float(gain[e]) == 0.0):
             continue
-        u = x[t_idx] @ w_up[e].float().t()
-        if b_up is not None:
-            u = u + b_up[e].float()
-        if gated:
-            i = u.shape[1] // 2
-            h = apply_activation(u[:, :i], activation) * u[:, i:]
-        else:
-            h = apply_activation(u, activation)
-        y = h @ w_down[e].float().t()
-        if b_down is not None:
-            y = y + b_down[e].float()
+        h, y = _expert_mlp(x[t_idx], e, w_up, w_down, b_up, b_down, activation, gated)
         norms[t_idx, k_idx] = y.norm(dim=1)
         a = y.abs().reshape(-1)
         j = int(torch.argmax(a))

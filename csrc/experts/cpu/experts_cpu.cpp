@@ -153,14 +153,15 @@ std::pair<Tensor, Tensor> prepare_shared(const std::optional<Tensor>& shared, co
 
 }  // namespace
 
-Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
-                         const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
-                         const std::optional<Tensor>& b_down_in, std::string_view activation, bool gated,
-                         const std::optional<Tensor>& gain_in, const std::optional<Tensor>& shared_out,
-                         const std::optional<Tensor>& shared_gate) {
-  TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_cpu got hidden on ", hidden_in.device());
-  const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
-                                                 b_down_in, activation, gated, gain_in);
+namespace {
+
+// fused_experts over the stacked Hugging Face layout (w_up [E, N_up, H], w_down [E, H, I]),
+// with statistics when `st` is given (fused_experts_stats).
+Tensor fused_experts_stacked(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
+                             const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
+                             const std::optional<Tensor>& b_down_in, const ExpertsDims& d, bool gated,
+                             const std::optional<Tensor>& gain_in, const std::optional<Tensor>& shared_out,
+                             const std::optional<Tensor>& shared_gate, const ExpertStats* st) {
   const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
   ExpertPtrs p{to_dtype(w_up, "w_up"), to_dtype(w_down, "w_down"), {}, {}, {}};
   const int64_t eu = w_up.element_size(), ed = w_down.element_size();
@@ -174,8 +175,22 @@ Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Te
   return fused_experts_core(hidden_in, ids_in.contiguous(), weights_in.contiguous(), d, p,
                             b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor(),
                             b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor(),
-                            gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated,
-                            shared.first, shared.second);
+                            gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated, shared.first,
+                            shared.second, st);
+}
+
+}  // namespace
+
+Tensor fused_experts_cpu(const Tensor& hidden_in, const Tensor& ids_in, const Tensor& weights_in,
+                         const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up_in,
+                         const std::optional<Tensor>& b_down_in, std::string_view activation, bool gated,
+                         const std::optional<Tensor>& gain_in, const std::optional<Tensor>& shared_out,
+                         const std::optional<Tensor>& shared_gate) {
+  TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_cpu got hidden on ", hidden_in.device());
+  const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
+                                                 b_down_in, activation, gated, gain_in);
+  return fused_experts_stacked(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in, b_down_in, d, gated,
+                               gain_in, shared_out, shared_gate, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cpu(
@@ -186,27 +201,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_c
   TORCH_CHECK_VALUE(hidden_in.device().is_cpu(), "moeops: fused_experts_stats_cpu got hidden on ", hidden_in.device());
   const ExpertsDims d = check_fused_experts_args(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in,
                                                  b_down_in, activation, gated, gain_in);
-  const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
-  ExpertPtrs p{to_dtype(w_up, "w_up"), to_dtype(w_down, "w_down"), {}, {}, {}};
-  const int64_t eu = w_up.element_size(), ed = w_down.element_size();
-  for (int64_t e = 0; e < d.E; ++e) {
-    const char* base = static_cast<const char*>(w_up.data_ptr()) + e * d.n_up * d.H * eu;
-    p.gate.push_back(base);
-    p.up.push_back(base + d.I * d.H * eu);
-    p.down.push_back(static_cast<const char*>(w_down.data_ptr()) + e * d.H * d.I * ed);
-  }
   auto f32 = hidden_in.options().dtype(at::kFloat);
   auto i64 = hidden_in.options().dtype(at::kLong);
   Tensor norms = at::zeros({d.T, d.K}, f32), out_max = at::zeros({d.E}, f32), in_max = at::zeros({d.E}, f32);
   Tensor channel = at::full({d.E}, -1, i64), active = at::zeros({d.E}, i64);
   const ExpertStats st{norms.data_ptr<float>(), out_max.data_ptr<float>(), channel.data_ptr<int64_t>(),
                        in_max.data_ptr<float>(), active.data_ptr<int64_t>()};
-  const auto shared = prepare_shared(shared_out, shared_gate, hidden_in);
-  Tensor out = fused_experts_core(hidden_in, ids_in.contiguous(), weights_in.contiguous(), d, p,
-                                  b_up_in.has_value() ? to_f32_contig(*b_up_in) : Tensor(),
-                                  b_down_in.has_value() ? to_f32_contig(*b_down_in) : Tensor(),
-                                  gain_in.has_value() ? to_f32_contig(*gain_in) : Tensor(), gated, shared.first,
-                                  shared.second, &st);
+  Tensor out = fused_experts_stacked(hidden_in, ids_in, weights_in, w_up_in, w_down_in, b_up_in, b_down_in, d,
+                                     gated, gain_in, shared_out, shared_gate, &st);
   return {out, norms, out_max, channel, in_max, active};
 }
 
