@@ -706,3 +706,32 @@ def test_moex_experts_matches_reference(c):
             torch.testing.assert_close(o.float(), outs[0][0].float(), **MM_TOL[dt])
     if c["density"] == 0.0 and T:
         assert bool((want_active == 0).all())
+
+
+@settings(max_examples=_examples(0.5))
+@given(c=expert_cases())
+@example(c=_fe_edge(T=0))
+@example(c=_fe_edge(empty=1.0, shared="gate_T1"))
+@example(c=_fe_edge(gain="zeros", bias=True))
+@example(c=_fe_edge(gated=False, activation="relu", bias=True, hdt=torch.bfloat16))
+def test_fused_experts_stats_matches_reference(c):
+    """fused_experts_stats: `out` is fused_experts bit for bit; the statistics match the
+    reference (norms and maxima to the fused tolerance, the max channel's "no rows" marker
+    exactly, active-unit counts exactly except for ReLU units whose pre-activation rounds
+    across 0 differently)."""
+    hidden, ids, weights, w_up, w_down, b_up, b_down, gain, so, sg = _expert_inputs(c)
+    args = (ids, weights, w_up, w_down, b_up, b_down, c["activation"], c["gated"], gain, so, sg)
+    with _with_isa(c["isa"]):
+        got = _ops.fused_experts_stats(_layout(hidden, c["layout"]), *args)
+        plain = _ops.fused_experts(hidden, *args)
+    want = ref.fused_experts_stats(hidden, *args)
+    assert torch.equal(got[0], plain)
+    tol = _fe_tol(c)
+    for g, w in zip(got[1:3], want[1:3]):  # slot norms, out_absmax
+        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * max(1, c["H"]) ** 0.5)
+    torch.testing.assert_close(got[4], want[4], **tol)  # in_absmax
+    assert torch.equal(got[3] < 0, want[3] < 0) and bool((got[3] < c["H"]).all())
+    if c["activation"] in ("relu", "relu2"):
+        assert bool(((got[5] - want[5]).abs() <= 1 + 0.01 * want[5]).all())
+    else:
+        assert torch.equal(got[5], want[5])
