@@ -76,6 +76,28 @@ def test_grouped_gemm_paths(dtype, R, K, N, transposed):
     assert torch.equal(got[R:].cpu(), torch.zeros(3, N, dtype=dtype))  # rows after offsets[E]
 
 
+@pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("T", [3, 40])
+def test_mixed_dtypes(xdt, wdt, T):
+    """Activations and weights of different dtypes (fp32 accumulation, output in x's dtype)."""
+    E, K, H, I = 4, 2, 48, 24
+    ids, w = _routing(T, K, E, T)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(xdt)
+    w_up, w_down = _params(E, H, I, True, wdt, T)
+    got = moeops.fused_experts(*(t.cuda() for t in (hidden, ids, w, w_up, w_down)), backend="cpp")
+    want = reference.fused_experts(hidden, ids, w, w_up, w_down)
+    assert got.dtype == xdt
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (xdt, wdt) else xdt]
+    torch.testing.assert_close(got.cpu().float(), want.float(), **tol)
+    offsets = torch.tensor([0, T // 2, T // 2, T, T], dtype=torch.int32)
+    gg = moeops.grouped_gemm(hidden.cuda(), w_down.transpose(1, 2).contiguous().cuda(), offsets.cuda(),
+                             backend="cpp")
+    want = reference.grouped_gemm(hidden, w_down.transpose(1, 2).contiguous(), offsets)
+    assert gg.dtype == xdt
+    torch.testing.assert_close(gg.cpu().float(), want.float(), **tol)
+
+
 @pytest.mark.parametrize("T", [4, 256])
 def test_whole_layer_without_host_sync_and_in_a_cuda_graph(T):
     """gating -> fused experts never waits for the host (sync debug mode raises if it did) and

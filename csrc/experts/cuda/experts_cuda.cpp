@@ -35,9 +35,16 @@ int device_major(const Tensor& t) {
   return major;
 }
 
-// Runs one grouped GEMM: a [R, K] (row stride a.stride(0)) x w -> out [R, N_out].
-void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a, const Tensor& w, const Tensor& offsets,
+// Runs one grouped GEMM: a [R, K] (row stride a.stride(0)) x w -> out [R, N_out]. The kernels
+// are instantiated for a and w of one dtype (out: that dtype or fp32) and for fp32 a with 16-bit
+// w (out fp32); 16-bit activations with weights of another dtype are widened to fp32 here.
+void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a_in, const Tensor& w, const Tensor& offsets,
                       const Tensor& out, int64_t max_rows_per_expert) {
+  const Tensor a = a_in.scalar_type() != w.scalar_type() && a_in.scalar_type() != at::kFloat
+                       ? a_in.to(at::kFloat)
+                       : a_in;
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == a.scalar_type(),
+              "moeops: internal: grouped GEMM output must be fp32 or the activations' dtype");
   p.a = a.data_ptr();
   p.a_dtype = to_dtype(a, "x");
   p.lda = a.stride(0);
@@ -67,15 +74,18 @@ Tensor grouped_gemm_cuda(const Tensor& x_in, const Tensor& w_in, const Tensor& o
   const Tensor w = w_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t R = x.size(0), K = x.size(1);
   const int64_t N = w_transposed ? w.size(2) : w.size(1);
-  Tensor out = at::zeros({R, N}, x.options());  // rows no expert owns are zero (as on the CPU)
-  if (R == 0 || N == 0 || w.size(0) == 0) return out;
-  cuda::GroupedGemmParams p;
-  p.w_transposed = w_transposed;
-  p.K = K;
-  p.N_w = N;
-  p.N_out = N;
-  run_grouped_gemm(p, x, w, offsets, out, R);
-  return out;
+  // rows no expert owns are zero (as on the CPU); mixed dtypes accumulate into fp32 first
+  const bool mixed = x.scalar_type() != w.scalar_type();
+  Tensor out = at::zeros({R, N}, mixed ? x.options().dtype(at::kFloat) : x.options());
+  if (R > 0 && N > 0 && w.size(0) > 0) {
+    cuda::GroupedGemmParams p;
+    p.w_transposed = w_transposed;
+    p.K = K;
+    p.N_w = N;
+    p.N_out = N;
+    run_grouped_gemm(p, x, w, offsets, out, R);
+  }
+  return mixed ? out.to(x.scalar_type()) : out;
 }
 
 Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in, const Tensor& w_up_in,
