@@ -7,6 +7,18 @@ import json
 import sys
 
 
+def _emit(args, result: dict, table) -> None:
+    """--json -: the result as JSON on stdout; otherwise the table (``table()``), and the JSON
+    written to the --json path when one is given."""
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return
+    print(table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def _routing_bench(args) -> int:
     import torch
 
@@ -101,13 +113,7 @@ def _moex_bench(args) -> int:
                          cold=not args.warm,
                          progress=None if args.quiet or args.json == "-" else
                          (lambda line: print(line, file=sys.stderr)))
-    if args.json == "-":
-        print(json.dumps(res, indent=2))
-    else:
-        print(format_moex_bench(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+    _emit(args, res, lambda: format_moex_bench(res))
     return 0 if res["ok"] else 1
 
 
@@ -119,13 +125,7 @@ def _model_bench(args) -> int:
     r = run_model_bench(layers=args.layers, dtype=args.dtype if args.dtype != "fp16" else "bf16",
                         prompt=args.tokens[0] if args.tokens else 128,
                         new_tokens=args.new_tokens, runs=args.repeats or 3)
-    if args.json == "-":
-        print(json.dumps(r, indent=2))
-    else:
-        print(format_model_bench(r))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+    _emit(args, r, lambda: format_model_bench(r))
     return 0 if r["same_tokens"] else 1
 
 
@@ -136,13 +136,7 @@ def _interventions_bench(args) -> int:
         raise SystemExit("moeops bench --suite interventions: CPU only for now")
     r = run(tokens=args.tokens[0] if args.tokens else 256,
             dtype=args.dtype if args.dtype != "fp16" else "bf16", rounds=args.repeats or 15)
-    if args.json == "-":
-        print(json.dumps(r, indent=2))
-    else:
-        print(format_result(r))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+    _emit(args, r, lambda: format_result(r))
     return 0 if r["stats_outputs_equal"] else 1
 
 

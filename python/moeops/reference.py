@@ -38,6 +38,39 @@ def _stable_desc_order(key: torch.Tensor) -> torch.Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
+def _select_slots(sel: torch.Tensor, avail: torch.Tensor, forced_b: torch.Tensor, k: int):
+    """Slot filling shared by topk_gating and moex_route: forced experts (whose ``sel`` is not
+    NaN) first, then available experts by ``sel`` descending, ties to the lower index; slots
+    past the available experts are empty. Returns ``(ids [T, k] int64 with -1, valid)``."""
+    is_forced = forced_b & ~torch.isnan(sel)
+    avail = avail | is_forced
+    tier = is_forced.int() + avail.int()  # 2 forced, 1 available, 0 not selectable
+    key = torch.where(avail, sel, torch.tensor(float("-inf"), device=sel.device))
+    # sort by (tier desc, sel desc, index asc): stable sorts from the least significant key
+    order = _stable_desc_order(key)
+    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
+    ids = order[:, :k]
+    valid = avail.gather(1, ids)
+    return torch.where(valid, ids, -1), valid
+
+
+def _drop_masked(w: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, mask_b: torch.Tensor,
+                 forced_b: torch.Tensor, mask_mode: str):
+    """Mask modes ``drop`` / ``drop_renorm``: slots of masked, non-forced experts become empty;
+    ``drop_renorm`` rescales the survivors to the token's weight sum before dropping."""
+    hit = valid & mask_b.gather(1, ids.clamp(min=0)) & ~forced_b.gather(1, ids.clamp(min=0))
+    before = w.sum(-1, keepdim=True)
+    w = torch.where(hit, 0.0, w)
+    ids = torch.where(hit, -1, ids)
+    if mask_mode == "drop_renorm":
+        after = w.sum(-1, keepdim=True)
+        # w / after <= 1 first: before / after overflows for denormal survivors. A row with no
+        # survivor divides by 1 instead of 0 (its branch is unused, but 0/0 would make the
+        # gradient NaN through torch.where)
+        w = torch.where(after > 0, w / torch.where(after > 0, after, 1.0) * before, w)
+    return w, ids
+
+
 def topk_gating(
     logits: torch.Tensor,
     k: int,
@@ -111,32 +144,14 @@ def topk_gating(
         gkeep.scatter_(1, keep_groups, True)
         avail = avail & gkeep.repeat_interleave(g, dim=1)
 
-    is_forced = forced_b & ~torch.isnan(sel)
-    avail = avail | is_forced
-    tier = is_forced.int() + avail.int()  # 2 forced, 1 available, 0 not selectable
-    key = torch.where(avail, sel, neg_inf)
-    # sort by (tier desc, sel desc, index asc): stable sorts from the least significant key
-    order = _stable_desc_order(key)
-    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
-    ids = order[:, :k]
-    valid = avail.gather(1, ids)
-    ids = torch.where(valid, ids, -1)
+    ids, valid = _select_slots(sel, avail, forced_b, k)
     w = torch.where(valid, scores.gather(1, ids.clamp(min=0)), 0.0)
     if renormalize:
         w = w / (w.sum(-1, keepdim=True) + RENORM_EPS)
     w = w * routed_scaling_factor
 
     if mask_b is not None and mask_mode in ("drop", "drop_renorm"):
-        hit = valid & mask_b.gather(1, ids.clamp(min=0)) & ~forced_b.gather(1, ids.clamp(min=0))
-        before = w.sum(-1, keepdim=True)
-        w = torch.where(hit, 0.0, w)
-        ids = torch.where(hit, -1, ids)
-        if mask_mode == "drop_renorm":
-            after = w.sum(-1, keepdim=True)
-            # w / after <= 1 first: before / after overflows for denormal survivors. A row with
-            # no survivor divides by 1 instead of 0 (its branch is unused, but 0/0 would make
-            # the gradient NaN through torch.where)
-            w = torch.where(after > 0, w / torch.where(after > 0, after, 1.0) * before, w)
+        w, ids = _drop_masked(w, ids, valid, mask_b, forced_b, mask_mode)
 
     ids = ids.to(torch.int32)
     probs = scores if return_probs else scores.new_empty(0)
@@ -455,27 +470,13 @@ def moex_route(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, bias_mean: 
     forced_b = forced.bool().expand(T, M) if forced is not None else torch.zeros_like(avail)
     if mask_b is not None and mask_mode == "reroute":
         avail = avail & ~mask_b
-    is_forced = forced_b & ~torch.isnan(s)
-    avail = avail | is_forced
-    tier = is_forced.int() + avail.int()
-    key = torch.where(avail, s, neg_inf)
-    order = _stable_desc_order(key)
-    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
-    ids = order[:, :k]
-    valid = avail.gather(1, ids)
-    ids = torch.where(valid, ids, -1)
+    ids, valid = _select_slots(s, avail, forced_b, k)
     logit = torch.where(valid, s.gather(1, ids.clamp(min=0)), neg_inf)
     mx = torch.where(valid, logit, 0.0).max(-1, keepdim=True).values  # scores are in [-1, 1]
     e = torch.where(valid, torch.exp(logit - mx), 0.0)
     w = torch.where(valid, e / e.sum(-1, keepdim=True).clamp(min=1e-30), 0.0)
     if mask_b is not None and mask_mode in ("drop", "drop_renorm"):
-        hit = valid & mask_b.gather(1, ids.clamp(min=0)) & ~forced_b.gather(1, ids.clamp(min=0))
-        before = w.sum(-1, keepdim=True)
-        w = torch.where(hit, 0.0, w)
-        ids = torch.where(hit, -1, ids)
-        if mask_mode == "drop_renorm":
-            after = w.sum(-1, keepdim=True)
-            w = torch.where(after > 0, w / after * before, w)
+        w, ids = _drop_masked(w, ids, valid, mask_b, forced_b, mask_mode)
     out_density = density if return_density else density.new_empty(0)
     return w.float(), ids.to(torch.int32), out_density
 
