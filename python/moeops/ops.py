@@ -556,9 +556,11 @@ def _fel_backward(ctx, grad):
         grad, hidden, ids, weights, gate_up, torch.stack(w_down), None, None, ctx.activation, True,
         None, shared_out, shared_gate)
     i = gup.shape[1] // 2
-    return (gh, None, gw, list(gup[:, :i].unbind(0)), list(gup[:, i:].unbind(0)),
-            list(gdown.unbind(0)), None, gso if ctx.has[0] else None,
-            gsg if ctx.has[1] else None)
+    out = (gh, None, gw, list(gup[:, :i].unbind(0)), list(gup[:, i:].unbind(0)),
+           list(gdown.unbind(0)), None, gso if ctx.has[0] else None,
+           gsg if ctx.has[1] else None)
+    # torch < 2.14 expects one gradient per argument as passed (trailing defaults left out)
+    return out[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("moeops::fused_experts_list", _fel_backward,

@@ -29,7 +29,8 @@ def _same_for_equal(fn, x: torch.Tensor) -> torch.Tensor:
     y = fn(x)
     with torch.no_grad():
         u, inv = torch.unique(x.detach(), return_inverse=True)
-        canonical = fn(u)[inv]
+        # .long(): torch 2.11's fake unique gives a non-integer inverse under torch.compile
+        canonical = fn(u)[inv.long()]
     return y + (canonical - y).detach()  # canonical values, fn's gradient
 
 

@@ -22,6 +22,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _k_step(acc, x_ptrs, w_ptrs, k_idx, k_len, row_ok, col_ok, COMPUTE_DTYPE: tl.constexpr,
+            IEEE: tl.constexpr):
+    """acc += x[rows, k_idx] @ w[k_idx, cols] for the K indices below k_len."""
+    k_ok = k_idx < k_len
+    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, offsets_ptr, tile_group_ptr, tile_m_ptr,
     N, K, E,
@@ -30,6 +42,7 @@ def _grouped_gemm_kernel(
     stride_om, stride_on,
     stride_be, stride_bn,
     HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    K_STATIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -45,8 +58,8 @@ def _grouped_gemm_kernel(
     row_ok = rows < row_end
     col_ok = cols < N
     # Group E holds the padding rows: no K loop, no bias, the tile stores zeros. Straight-line
-    # code (no early return, loop not under an `if`). TODO(tuning): the sm_90 TTGIR of this loop
-    # shows no async-copy software pipelining yet (checked ahead of time, without a GPU).
+    # code (no early return, the loop under no runtime `if`). TODO(tuning): the sm_90 TTGIR of
+    # this loop shows no async-copy software pipelining yet (checked ahead of time, no GPU).
     is_expert = g < E
     k_len = tl.where(is_expert & live, K, 0)
     ge = tl.minimum(g, E - 1).to(tl.int64)
@@ -54,18 +67,16 @@ def _grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + ge * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    for k0 in range(0, k_len, BLOCK_K):
-        k_ok = (ks + k0) < K
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a = a.to(COMPUTE_DTYPE)
-        b = b.to(COMPUTE_DTYPE)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    # The interpreter of triton 3.6 with numpy >= 2.5 cannot take a tensor loop bound: there K
+    # comes as a constant (K_STATIC) and the padding programs' loads are masked off instead.
+    if K_STATIC > 0:
+        for k0 in range(0, K_STATIC, BLOCK_K):
+            acc = _k_step(acc, x_ptrs + k0 * stride_xk, w_ptrs + k0 * stride_wk, ks + k0, k_len,
+                          row_ok, col_ok, COMPUTE_DTYPE, IEEE)
+    else:
+        for k0 in range(0, k_len, BLOCK_K):
+            acc = _k_step(acc, x_ptrs + k0 * stride_xk, w_ptrs + k0 * stride_wk, ks + k0, k_len,
+                          row_ok, col_ok, COMPUTE_DTYPE, IEEE)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ge * stride_be + cols * stride_bn, mask=col_ok & is_expert,
                        other=0.0)
@@ -192,6 +203,7 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         out.stride(0), out.stride(1),
         s_be, s_bn,
         HAS_BIAS=bias is not None, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32,
+        K_STATIC=K if _interpreting() else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
