@@ -1,6 +1,7 @@
 // Declarations of every torch-facing entry point. Schemas live in torch_bindings.cpp.
 #pragma once
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <ATen/core/Tensor.h>
@@ -52,6 +53,10 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor&
                           const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
                           const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
                           const std::optional<Tensor>& shared_gate);
+// The kernel of 16-bit grouped GEMMs on Hopper: "auto", "sm90" (CUTLASS wherever it applies) or
+// "mma" (never CUTLASS); initial value from MOEOPS_CUDA_GEMM. Returns the name set.
+std::string set_cuda_gemm_path(const std::string& name);
+std::string cuda_gemm_path();
 #endif
 
 // MoE-X (csrc/moex): router statistics, sparsity-aware routing, ReLU experts with a sparse

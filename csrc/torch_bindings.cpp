@@ -99,6 +99,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = MOEOPS_BUILD_CUDA_ARCHS;
+#ifdef MOEOPS_WITH_SM90
+  m.attr("sm90_grouped_gemm") = true;
+#else
+  m.attr("sm90_grouped_gemm") = false;
+#endif
+  m.attr("sm90_skip_reason") = MOEOPS_BUILD_SM90_REASON;
+#ifdef MOEOPS_WITH_CUDA
+  m.def("set_cuda_gemm_path", &moeops::set_cuda_gemm_path, pybind11::arg("name"),
+        "Kernel for 16-bit grouped GEMMs on Hopper: 'auto', 'sm90' (CUTLASS) or 'mma'. Returns it.");
+  m.def("cuda_gemm_path", &moeops::cuda_gemm_path, "The CUDA grouped GEMM path in use");
+#endif
   m.attr("cuda_compiler_version") = MOEOPS_BUILD_NVCC_VERSION;
   m.attr("cuda_skip_reason") = MOEOPS_BUILD_CUDA_REASON;
   m.attr("built_with_torch") = MOEOPS_BUILD_TORCH_VERSION;

@@ -27,6 +27,69 @@ def gating_cases():
                        n_group=4, topk_group=2, routed_scaling_factor=2.5, renormalize=True)
 
 
+def hopper_gemm_cases(dev) -> int:
+    """The 16-bit grouped GEMM on each Hopper kernel (CUTLASS sm_90a where built and on an
+    sm_90 GPU, and mma.sync): tile tails, an empty expert, rows outside the offsets, the fused
+    prefill layer (gate|up GEMM + activation pass + down GEMM)."""
+    paths = ["mma"]
+    if moeops._C.sm90_grouped_gemm and torch.cuda.get_device_capability()[0] == 9:
+        paths.insert(0, "sm90")
+    failures = 0
+    g = torch.Generator().manual_seed(7)
+    for path in paths:
+        moeops._C.set_cuda_gemm_path(path)
+        try:
+            for R, K, N, E, dt in [(1, 64, 8, 1, torch.bfloat16), (300, 128, 136, 5, torch.float16),
+                                   (520, 64, 264, 3, torch.bfloat16)]:
+                x = torch.randn(R + 2, K, generator=g).to(dt)
+                offs = torch.linspace(1, R, E + 1).round().int()
+                if E > 2:
+                    offs[2] = offs[1]
+                w = (torch.randn(E, N, K, generator=g) * K ** -0.5).to(dt)
+                got = moeops.grouped_gemm(x.to(dev), w.to(dev), offs.to(dev), backend="cpp")
+                want = reference.grouped_gemm(x, w, offs)
+                failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+            T, K, E, H, I = 200, 2, 4, 64, 40
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+            ids[3, 1] = -1
+            w = torch.rand(T, K, generator=g)
+            h = torch.randn(T, H, generator=g).to(torch.bfloat16)
+            wu = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(torch.bfloat16)
+            wd = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(torch.bfloat16)
+            got = moeops.fused_experts(*(t.to(dev) for t in (h, ids, w, wu, wd)), backend="cpp")
+            want = reference.fused_experts(h, ids, w, wu, wd)
+            failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+        finally:
+            moeops._C.set_cuda_gemm_path("auto")
+    return failures
+
+
+def moex_cases(dev) -> int:
+    """MoE-X: router statistics, sparsity-aware routing (masks, forced), ReLU experts on each
+    down-projection path."""
+    failures = 0
+    g = torch.Generator().manual_seed(11)
+    for T, M, D, d, k in [(0, 4, 8, 16, 2), (1, 3, 5, 7, 1), (37, 8, 64, 48, 2)]:
+        w_enc = torch.randn(M, D, d, generator=g) * d ** -0.5
+        b_enc = torch.randn(M, D, generator=g) * 0.1
+        w_dec = torch.randn(M, D, d, generator=g) * D ** -0.5
+        x = torch.randn(T, d, generator=g)
+        st = moeops.moex_router_stats(w_enc.to(dev), b_enc.to(dev), backend="cpp")
+        want_st = reference.moex_router_stats(w_enc, b_enc)
+        failures += not all(torch.allclose(a.cpu(), b, rtol=1e-4, atol=1e-5) for a, b in zip(st, want_st))
+        mask = torch.rand(T, M, generator=g) < 0.2
+        r = moeops.moex_route(x.to(dev), *(t.to(dev) for t in want_st), k, mask=mask.to(dev),
+                              mask_mode="drop_renorm", backend="cpp")
+        want_r = reference.moex_route(x, *want_st, k, mask=mask, mask_mode="drop_renorm")
+        failures += not torch.equal(r.ids.cpu().long(), want_r[1].long())
+        for down in ("sparse", "dense", "auto"):
+            out = moeops.moex_experts(x.to(dev), r.ids, r.weights, w_enc.to(dev), b_enc.to(dev), w_dec.to(dev),
+                                      down=down, backend="cpp")
+            want = reference.moex_experts(x, want_r[1], want_r[0], w_enc, b_enc, w_dec)
+            failures += not torch.allclose(out.out.cpu(), want[0], rtol=1e-4, atol=1e-4)
+    return failures
+
+
 def main() -> int:
     dev = "cuda"
     failures = 0
@@ -79,6 +142,8 @@ def main() -> int:
             got = moeops.grouped_gemm(x.to(dev), ww.to(dev), plan[0].to(dev), w_transposed=wt, backend="cpp")
             want = reference.grouped_gemm(x, ww, plan[0], w_transposed=wt)
             failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+    failures += hopper_gemm_cases(dev)
+    failures += moex_cases(dev)
     torch.cuda.synchronize()
     print(f"sanitizer cases done, mismatches vs reference: {failures}")
     return 1 if failures else 0

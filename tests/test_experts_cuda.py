@@ -134,8 +134,77 @@ def test_whole_layer_without_host_sync_and_in_a_cuda_graph(T):
     assert torch.equal(static_out, layer())
 
 
+def _sm90_ready():
+    return (_cuda_ready() and bool(moeops._C.sm90_grouped_gemm)
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+SM90_SKIP = "needs a Hopper GPU (sm_90) and moeops built with the CUTLASS sm_90a kernels"
+
+
+@pytest.fixture(params=["sm90", "mma"])
+def gemm_path(request):
+    """Runs the test once per 16-bit GEMM kernel on Hopper (sm90 = CUTLASS); restores auto."""
+    if request.param == "sm90" and not _sm90_ready():
+        pytest.skip(SM90_SKIP)
+    moeops._C.set_cuda_gemm_path(request.param)
+    yield request.param
+    moeops._C.set_cuda_gemm_path("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("R,K,N,E", [(7, 64, 48, 3), (300, 128, 136, 5), (1000, 256, 264, 8),
+                                     (4100, 512, 512, 2)])
+def test_grouped_gemm_each_path(gemm_path, dtype, R, K, N, E):
+    """Both Hopper kernels against the reference: tile tails in M and N, an empty expert, rows
+    before offsets[0] and after offsets[E] left zero, and a row stride wider than K."""
+    g = torch.Generator().manual_seed(R + E)
+    wide = torch.randn(R + 3, K + 8, generator=g).to(dtype)
+    x = wide[:, :K]  # lda = K + 8
+    cuts = torch.sort(torch.randint(2, R + 1, (E - 1,), generator=g)).values
+    offsets = torch.cat([torch.tensor([2]), cuts, torch.tensor([R])]).int()
+    if E > 2:
+        offsets[2] = offsets[1]  # an empty expert
+    w = (torch.randn(E, N, K, generator=g) * K ** -0.5).to(dtype)
+    got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), backend="cpp")
+    want = reference.grouped_gemm(x, w, offsets)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+    assert torch.equal(got[:2].cpu(), torch.zeros(2, N, dtype=dtype))
+    assert torch.equal(got[R:].cpu(), torch.zeros(3, N, dtype=dtype))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_experts_prefill_each_path(gemm_path, gated, dtype):
+    """The prefill layer (gate|up GEMM, separate activation pass, down GEMM into fp32) on both
+    Hopper kernels, with empty slots, an expert with no rows and a zero gain."""
+    T, E, K, H, I = 700, 8, 2, 256, 192
+    ids, w = _routing(T, K, E, 3)
+    ids[:, :] = torch.where(ids == 5, -1, ids)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
+    w_up, w_down = _params(E, H, I, gated, dtype, 4)
+    gain = torch.rand(E) + 0.5
+    gain[3] = 0.0
+    act = "silu" if gated else "gelu"
+    cpu = (hidden, ids, w, w_up, w_down)
+    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated, gain=gain.cuda(),
+                               backend="cpp")
+    want = reference.fused_experts(*cpu, activation=act, gated=gated, gain=gain)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.skipif(not _sm90_ready(), reason=SM90_SKIP)
+def test_sm90_layer_without_host_sync_and_in_a_cuda_graph():
+    """The CUTLASS path keeps the layer free of host syncs and capturable in a CUDA graph."""
+    moeops._C.set_cuda_gemm_path("sm90")
+    try:
+        test_whole_layer_without_host_sync_and_in_a_cuda_graph(512)
+    finally:
+        moeops._C.set_cuda_gemm_path("auto")
+
+
 @pytest.mark.slow
-def test_grouped_gemm_rows_beyond_2_31_elements():
+def test_grouped_gemm_rows_beyond_2_31_elements(gemm_path):
     """Row offsets times K beyond 2^31 elements: 64-bit address arithmetic in every kernel."""
     K, N, E = 4096, 64, 2
     R = 2**31 // K + 1000  # x holds R*K > 2^31 bf16 elements (4.3 GB)

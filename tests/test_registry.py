@@ -74,3 +74,15 @@ def test_cpu_isa_switch():
             moeops._C.set_cpu_isa("avx512")
     finally:
         moeops._C.set_cpu_isa(before)
+
+
+@pytest.mark.skipif(not moeops._C.with_cuda, reason="moeops built without CUDA kernels")
+def test_cuda_gemm_path_setting():
+    """The Hopper GEMM kernel choice (auto / sm90 = CUTLASS / mma) is a checked setting."""
+    before = moeops._C.cuda_gemm_path()
+    with pytest.raises(ValueError, match="auto"):
+        moeops._C.set_cuda_gemm_path("cutlass3")
+    try:
+        assert moeops._C.set_cuda_gemm_path("mma") == "mma" and moeops._C.cuda_gemm_path() == "mma"
+    finally:
+        moeops._C.set_cuda_gemm_path(before)

@@ -45,6 +45,8 @@ def collect() -> dict:
         "cuda_kernels_built": bool(_C.with_cuda),
         "cuda_archs": _C.cuda_archs.split(",") if _C.cuda_archs else [],
         "nvcc": _C.cuda_compiler_version or None,
+        "sm90_grouped_gemm": bool(_C.sm90_grouped_gemm),
+        "sm90_skip_reason": None if _C.sm90_grouped_gemm else _C.sm90_skip_reason,
         "cuda_skip_reason": None if _C.with_cuda else _C.cuda_skip_reason,
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -8,10 +8,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <optional>
+#include <stdexcept>
+#include <string>
 
 #include "common/checks.h"
 #include "experts/cuda/experts_launch.h"
+#ifdef MOEOPS_WITH_SM90
+#include "experts/cuda/experts_sm90.h"
+#endif
 #include "experts/experts_prepare.h"
 #include "ops.h"
 
@@ -35,6 +42,41 @@ int device_major(const Tensor& t) {
   return major;
 }
 
+// Which GEMM kernel takes a 16-bit grouped GEMM on a Hopper GPU (see set_cuda_gemm_path).
+enum class GemmPath : int { Auto = 0, Sm90 = 1, Mma = 2 };
+
+GemmPath parse_gemm_path(const std::string& name) {
+  if (name == "auto") return GemmPath::Auto;
+  if (name == "sm90") return GemmPath::Sm90;
+  if (name == "mma") return GemmPath::Mma;
+  throw std::invalid_argument("moeops: CUDA GEMM path must be 'auto', 'sm90' or 'mma', got '" + name + "'");
+}
+
+std::atomic<int>& gemm_path() {
+  static std::atomic<int> path{[] {
+    const char* env = std::getenv("MOEOPS_CUDA_GEMM");
+    return static_cast<int>(env && *env ? parse_gemm_path(env) : GemmPath::Auto);
+  }()};
+  return path;
+}
+
+// Rows per expert from which `auto` takes the CUTLASS sm_90a kernel (128-row tiles) over the
+// mma.sync one (64-row tiles). A first guess, to be tuned on an H200 with
+// `moeops bench --device cuda --suite gemm-paths`.
+constexpr int64_t kSm90MinAvgRows = 64;
+
+// True when the grouped GEMM `p` (Store epilogue, no bias) should run on the sm_90a kernel.
+bool want_sm90(const cuda::GroupedGemmParams& p, int64_t max_rows_per_expert, int major) {
+#ifdef MOEOPS_WITH_SM90
+  const auto path = static_cast<GemmPath>(gemm_path().load(std::memory_order_relaxed));
+  if (path == GemmPath::Mma || !cuda::sm90_grouped_gemm_supported(p, major)) return false;
+  return path == GemmPath::Sm90 || (max_rows_per_expert > 16 && p.R >= kSm90MinAvgRows * p.E);
+#else
+  (void)p, (void)max_rows_per_expert, (void)major;
+  return false;
+#endif
+}
+
 // Runs one grouped GEMM: a [R, K] (row stride a.stride(0)) x w -> out [R, N_out]. The kernels
 // are instantiated for a and w of one dtype (out: that dtype or fp32) and for fp32 a with 16-bit
 // w (out fp32); 16-bit activations with weights of another dtype are widened to fp32 here.
@@ -55,9 +97,19 @@ void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a_in, const Tenso
   p.R = a.size(0);
   p.out = out.data_ptr();
   p.out_dtype = to_dtype(out, "out");
+  const int major = device_major(a);
+#ifdef MOEOPS_WITH_SM90
+  if (want_sm90(p, max_rows_per_expert, major)) {
+    const int dev = a.get_device();
+    const size_t bytes = cuda::sm90_grouped_gemm_workspace_bytes(p, dev);
+    Tensor ws = at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
+    cuda::launch_sm90_grouped_gemm(p, dev, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream());
+    return;
+  }
+#endif
   const size_t bytes = cuda::grouped_gemm_workspace_bytes(p.E);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
-  cuda::launch_grouped_gemm(p, max_rows_per_expert, device_major(a), ws.data_ptr(), bytes,
+  cuda::launch_grouped_gemm(p, max_rows_per_expert, major, ws.data_ptr(), bytes,
                             c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -142,7 +194,28 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tens
     const bool tc = cuda::grouped_gemm_uses_tensor_cores(probe, device_major(hidden)) &&
                     w_down.scalar_type() == hidden.scalar_type();
     Tensor act = at::empty({R, I}, tc ? hidden.options() : f32);
-    run_grouped_gemm(up, rows, w_up, offsets, act, T);
+    // prefill on Hopper: the sm_90a GEMM stores gate|up in the hidden dtype, then the activation
+    // runs as its own pass (CUTLASS's epilogue does not pair the gate and up columns)
+    cuda::GroupedGemmParams up_store = probe;
+    up_store.epilogue = cuda::Epilogue::Store;
+    up_store.N_out = d.n_up;
+    up_store.gated_half = 0;
+    up_store.R = R;
+    up_store.E = static_cast<int>(E);
+    up_store.out_dtype = probe.a_dtype;
+    up_store.out = act.data_ptr();  // 16-byte aligned like any fresh allocation
+    if (tc && !bu.defined() && want_sm90(up_store, T, device_major(hidden))) {
+      const Tensor gu = at::empty({R, d.n_up}, hidden.options());
+      run_grouped_gemm(up_store, rows, w_up, offsets, gu, T);
+      int sms = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, hidden.get_device()));
+      cuda::launch_expert_activation(gu.data_ptr(), probe.a_dtype, R, I, gated, static_cast<int>(d.act),
+                                     offsets.data_ptr<int32_t>(), static_cast<int>(E), act.data_ptr(), sms,
+                                     c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      run_grouped_gemm(up, rows, w_up, offsets, act, T);
+    }
 
     // 4. down projection (+ bias) into fp32 per-slot rows
     cuda::GroupedGemmParams down;
@@ -162,6 +235,19 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tens
     out32 = out32 + sg * shared_out->to(at::kFloat);
   }
   return out32.to(hidden.scalar_type());
+}
+
+std::string set_cuda_gemm_path(const std::string& name) {
+  gemm_path().store(static_cast<int>(parse_gemm_path(name)));
+  return name;
+}
+
+std::string cuda_gemm_path() {
+  switch (static_cast<GemmPath>(gemm_path().load())) {
+    case GemmPath::Sm90: return "sm90";
+    case GemmPath::Mma: return "mma";
+    default: return "auto";
+  }
 }
 
 }  // namespace moeops

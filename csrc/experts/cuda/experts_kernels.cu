@@ -504,4 +504,64 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
   check(cudaGetLastError(), "grouped_gemm kernel launch");
 }
 
+// ---------------------------------------------------------------- separate activation
+// out[r, c] = act(in[r, c]) (* in[r, I + c] when gated) for rows r in [offsets[0], offsets[E])
+// (clamped to [0, R]); `kVec` columns per thread (16-byte accesses when I allows).
+template <class T, int kVec>
+__global__ void expert_activation_kernel(const T* in, int64_t R, int64_t I, bool gated, int act,
+                                         const int32_t* offsets, int E, T* out) {
+  const int64_t r0 = min(max(static_cast<int64_t>(offsets[0]), int64_t{0}), R);
+  const int64_t r1 = min(max(static_cast<int64_t>(offsets[E]), r0), R);
+  const int64_t vecs_per_row = I / kVec;
+  const int64_t n = (r1 - r0) * vecs_per_row;
+  const int64_t in_cols = gated ? 2 * I : I;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = r0 + i / vecs_per_row, c = (i % vecs_per_row) * kVec;
+    const T* src = in + r * in_cols + c;
+    T g[kVec], u[kVec], o[kVec];
+    if constexpr (kVec * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(src);
+      if (gated) *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(src + I);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        g[j] = src[j];
+        if (gated) u[j] = src[I + j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float v = activate(act, to_f(g[j]));
+      o[j] = from_f<T>(gated ? v * to_f(u[j]) : v);
+    }
+    T* dst = out + r * I + c;
+    if constexpr (kVec * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(o);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) dst[j] = o[j];
+    }
+  }
+}
+
+void launch_expert_activation(const void* in, DType dtype, int64_t R, int64_t I, bool gated, int activation,
+                              const int32_t* offsets, int E, void* out, int num_sms, cudaStream_t stream) {
+  if (R <= 0 || I <= 0 || E < 1) return;
+  const bool vec = I % 8 == 0 && aligned16(in) && aligned16(out);
+  const int blocks = std::max(1, num_sms) * 8;
+  auto go = [&]<class T>() {
+    if (vec)
+      expert_activation_kernel<T, 8><<<blocks, 256, 0, stream>>>(static_cast<const T*>(in), R, I, gated, activation,
+                                                                 offsets, E, static_cast<T*>(out));
+    else
+      expert_activation_kernel<T, 1><<<blocks, 256, 0, stream>>>(static_cast<const T*>(in), R, I, gated, activation,
+                                                                 offsets, E, static_cast<T*>(out));
+  };
+  if (dtype == DType::BF16) go.template operator()<__nv_bfloat16>();
+  else if (dtype == DType::F16) go.template operator()<__half>();
+  else throw std::invalid_argument("moeops::cuda::launch_expert_activation: 16-bit dtypes only");
+  check(cudaGetLastError(), "expert activation kernel launch");
+}
+
 }  // namespace moeops::cuda

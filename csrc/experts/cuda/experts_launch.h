@@ -50,4 +50,10 @@ bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major
 void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major,
                          void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// The activation as its own pass, for GEMMs whose epilogue cannot apply it (the sm_90a kernel):
+// out[r, c] = act(in[r, c]) * in[r, I + c] (gated, in [R, 2I]) or act(in[r, c]) (in [R, I]) for
+// the rows [offsets[0], offsets[E]) (clamped to [0, R]); out [R, I]; fp16/bf16, math in fp32.
+void launch_expert_activation(const void* in, DType dtype, int64_t R, int64_t I, bool gated, int activation,
+                              const int32_t* offsets, int E, void* out, int num_sms, cudaStream_t stream);
+
 }  // namespace moeops::cuda
