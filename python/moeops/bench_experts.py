@@ -5,9 +5,10 @@ MoE layer shapes of real models. Used by ``moeops bench`` (the default suite) an
 
 What one run does:
 
-1. measures the machine's limits: read bandwidth (torch ``sum`` over a 1 GiB fp32 tensor) and the
-   fp32 GEMM rate (``torch.mm`` 2048x2048x2048), median of 5 runs each, at the start and again
-   at the end of the run (the higher of the two is used);
+1. measures the machine's limits: on the CPU the read bandwidth (torch ``sum`` over a 1 GiB fp32
+   tensor) and the fp32 GEMM rate (``torch.mm`` 2048x2048x2048), on a GPU the copy bandwidth
+   (read + write of 1 GiB) and the bf16 ``torch.mm`` 8192^3 rate; median of 5 runs each, at the
+   start and again at the end of the run (the higher of the two is used);
 2. for each (model, dtype): builds the real Hugging Face experts module of that model
    (``Qwen3MoeExperts``, ``MixtralExperts``...) once, with random weights (plus, for
    Qwen1.5-MoE, its shared expert and shared-expert gate);
@@ -152,9 +153,11 @@ def _sync(device: torch.device) -> None:
 
 def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
                     nbytes: int = 1 << 30) -> dict:
-    """The machine's limits: read bandwidth (bytes/s, torch ``sum`` over ``nbytes`` of fp32)
-    and fp32 GEMM rate (FLOP/s, ``torch.mm`` 2048^3): medians of ``repeats`` runs after one
-    warm-up each (and the best runs, for the record)."""
+    """The machine's limits: medians of ``repeats`` runs after one warm-up each (and the best
+    runs, for the record). CPU: read bandwidth (bytes/s, torch ``sum`` over ``nbytes`` of fp32)
+    and fp32 GEMM rate (FLOP/s, ``torch.mm`` 2048^3). CUDA: copy bandwidth (bytes read +
+    written per second, a device-to-device copy of ``nbytes``) and the dense bf16 matmul rate
+    (``torch.mm`` 8192^3), the ceilings the GPU targets are stated against."""
     device = torch.device(device)
 
     def timed(fn) -> list[float]:
@@ -168,6 +171,21 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
             ts.append(time.perf_counter() - t0)
         return ts
 
+    if device.type == "cuda":
+        src = torch.arange(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        t_copy = timed(lambda: dst.copy_(src))
+        del src, dst
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+        t_mm = timed(lambda: torch.mm(a, b, out=c))
+        flop = 2 * n ** 3
+        return {"bandwidth": 2 * nbytes / statistics.median(t_copy),
+                "bandwidth_best": 2 * nbytes / min(t_copy),
+                "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm),
+                "bandwidth_kind": "device copy (read + write)", "gemm_kind": "bf16 mm 8192^3"}
     # distinct values on every page (a page-deduplicating host cannot serve them from cache)
     buf = torch.arange(nbytes // 4, dtype=torch.float32, device=device)
     t_read = timed(lambda: buf.sum())
@@ -181,7 +199,8 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
     flop = 2 * n ** 3
     return {"bandwidth": nbytes / statistics.median(t_read),
             "bandwidth_best": nbytes / min(t_read),
-            "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm)}
+            "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm),
+            "bandwidth_kind": "read (torch sum)", "gemm_kind": "fp32 mm 2048^3"}
 
 
 def combine_machine(*ms: dict) -> dict:
@@ -189,8 +208,8 @@ def combine_machine(*ms: dict) -> dict:
     (taken at the start and the end of a run, so one noisy moment does not lower the ceiling)."""
     return {"bandwidth": max(m["bandwidth"] for m in ms),
             "gemm_flops": max(m["gemm_flops"] for m in ms),
-            "bandwidth_method": "torch.sum over 1 GiB fp32, median of 5, higher of start/end",
-            "gemm_method": "fp32 torch.mm 2048x2048x2048, median of 5, higher of start/end",
+            "bandwidth_method": f"{ms[0]['bandwidth_kind']} of 1 GiB, median of 5, higher of start/end",
+            "gemm_method": f"{ms[0]['gemm_kind']}, median of 5, higher of start/end",
             "measurements": list(ms)}
 
 
@@ -669,11 +688,10 @@ def format_experts_bench(r: dict) -> str:
         f"moeops bench --suite experts: {r['device']}, {r['threads']} threads, torch {v['torch']}, "
         f"transformers {v['transformers']}, moeops {v['moeops']}"
         + (f" (fused_experts backend: {r['moeops_backend']})" if "moeops" in peers else ""),
-        f"limits measured in this run (higher of the medians of 5 at the start / end): read "
-        f"bandwidth "
-        f"{m['bandwidth'] / 1e9:.1f} GB/s (torch.sum over 1 GiB fp32: "
-        + " / ".join(f"{x['bandwidth'] / 1e9:.1f}" for x in m["measurements"])
-        + f"), fp32 GEMM {m['gemm_flops'] / 1e9:.1f} GFLOP/s (torch.mm 2048^3: "
+        f"limits measured in this run (higher of the medians of 5 at the start / end): "
+        f"bandwidth {m['bandwidth'] / 1e9:.1f} GB/s ({m['measurements'][0]['bandwidth_kind']} "
+        f"of 1 GiB: " + " / ".join(f"{x['bandwidth'] / 1e9:.1f}" for x in m["measurements"])
+        + f"), GEMM {m['gemm_flops'] / 1e9:.1f} GFLOP/s ({m['measurements'][0]['gemm_kind']}: "
         + " / ".join(f"{x['gemm_flops'] / 1e9:.1f}" for x in m["measurements"]) + ")",
     ]
     cpu = r.get("cpu") or {}

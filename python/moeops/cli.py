@@ -98,7 +98,24 @@ def _bench(args) -> int:
         return _interventions_bench(args)
     if args.suite == "moex":
         return _moex_bench(args)
+    if args.suite == "gemm":
+        return _gemm_bench(args)
     return _experts_bench(args)
+
+
+def _gemm_bench(args) -> int:
+    from moeops.bench_gemm import format_gemm_bench, run_gemm_bench
+
+    try:
+        r = run_gemm_bench(models=args.models, tokens=args.tokens, dtype=args.dtype,
+                           peers=args.peers, device=args.device, min_runs=args.min_runs,
+                           max_runs=args.repeats or 50, time_budget=args.time_budget,
+                           progress=None if args.quiet or args.json == "-" else
+                           (lambda line: print(line, file=sys.stderr)))
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"moeops bench --suite gemm: {e}") from None
+    _emit(args, r, lambda: format_gemm_bench(r))
+    return 0 if r["ok"] else 1
 
 
 def _moex_bench(args) -> int:
@@ -167,10 +184,14 @@ def main(argv=None) -> int:
             "Suite 'model': a Qwen3-MoE with Qwen3-30B-A3B's layer shape (--layers, random\n"
             "weights), patched with moeops vs unpatched: prefill and decode tokens/s\n"
             "(--tokens = prompt length, --new-tokens, --dtype bf16|fp32).\n\n"
+            "Suite 'gemm': the grouped expert GEMM alone (up and down projections of\n"
+            "--models at --tokens, --dtype) vs torch's grouped_mm, moeops' Triton backend and a\n"
+            "dense mm of the same FLOPs; TFLOP/s and % of the dense bf16 rate. GPU default:\n"
+            "Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-V3 at T=512,4096,16384.\n\n"
             "Suite 'routing': the routing pipeline (gating -> plan -> permute -> combine) vs\n"
             "the reference on one shape (--tokens N --experts --top-k --hidden --dtype)."))
     b.add_argument("--suite", default="experts",
-                   choices=["experts", "routing", "model", "interventions", "moex"])
+                   choices=["experts", "gemm", "routing", "model", "interventions", "moex"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     b.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",

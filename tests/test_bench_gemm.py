@@ -1,0 +1,80 @@
+"""moeops bench --suite gemm (python/moeops/bench_gemm.py): structure, correctness gating and
+the table, on the CPU at a tiny layer shape. Nothing here asserts on time."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeops import bench_experts as be
+from moeops import bench_gemm as bg
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(be.LAYERS, "tiny", dict(E=4, K=2, H=64, I=32, I_shared=0, hf="qwen3_moe"))
+    return "tiny"
+
+
+def _run(**kw):
+    return bg.run_gemm_bench(models=["tiny"], tokens=[5, 40], dtype="bf16", device="cpu",
+                             min_runs=1, max_runs=2, time_budget=0.0, **kw)
+
+
+def test_routed_offsets_are_uniform_top_k():
+    off = bg.routed_offsets(100, 8, 2, seed=1)
+    assert off.dtype == torch.int32 and off.shape == (9,)
+    assert off[0] == 0 and off[-1] == 200 and bool((off[1:] >= off[:-1]).all())
+    assert torch.equal(off, bg.routed_offsets(100, 8, 2, seed=1))
+
+
+def test_gemm_dims():
+    assert bg.gemm_dims("qwen3-30b-a3b", "up") == (128, 8, 1536, 2048)
+    assert bg.gemm_dims("qwen3-30b-a3b", "down") == (128, 8, 2048, 768)
+    with pytest.raises(ValueError, match="projection"):
+        bg.gemm_dims("qwen3-30b-a3b", "gate")
+
+
+def test_suite_runs_and_checks_every_peer(tiny):
+    r = _run()
+    assert r["ok"] and r["suite"] == "gemm"
+    assert {"moeops", "torch", "dense"} <= set(r["peers"])
+    assert "triton" not in r["peers"]  # CUDA only
+    assert len(r["cases"]) == 2 * 2  # 2 projections x 2 token counts
+    for c in r["cases"]:
+        assert c["rows"] == c["tokens"] * 2 and c["flops"] == 2 * c["rows"] * c["N"] * c["K"]
+        for p in r["peers"]:
+            res = c["results"][p]
+            assert res["median_s"] > 0 and res["flops_per_s"] > 0
+            assert (res["rel_err"] is None) == (p == "dense")
+            if p != "dense":
+                assert res["rel_err"] <= bg.TOLERANCE["bf16"]
+        assert c["results"]["torch"]["vs_torch"] == 1.0
+    table = bg.format_gemm_bench(r)
+    assert "x torch" in table and "all implementations match" in table
+
+
+def test_a_wrong_implementation_fails_the_run(tiny, monkeypatch):
+    real = bg._peer_fn
+
+    def broken(peer, x, w, offsets):
+        fn = real(peer, x, w, offsets)
+        return (lambda: fn() * 1.1) if peer == "moeops" else fn
+    monkeypatch.setattr(bg, "_peer_fn", broken)
+    r = _run(peers=["moeops", "torch"])
+    assert not r["ok"]
+    assert "FAILED checks" in bg.format_gemm_bench(r)
+
+
+def test_unknown_names_are_rejected(tiny):
+    with pytest.raises(ValueError, match="unknown model"):
+        bg.run_gemm_bench(models=["nope"], device="cpu")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        _run(peers=["cublas"])
+
+
+def test_cli_reports_bad_model():
+    p = subprocess.run([sys.executable, "-m", "moeops", "bench", "--suite", "gemm", "--models", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "unknown model" in p.stderr
