@@ -1,41 +1,68 @@
 #!/usr/bin/env bash
-# One-command GPU check for any CUDA machine with torch, nvcc, cmake and ninja but no network:
-# build from this checkout, run every CUDA test, compute-sanitizer on small cases of every CUDA
-# op, the GPU benchmark, then a compact table. Full logs go to $MOEOPS_GPU_OUT (./gpu_out).
-# Wheels placed in ./wheels (e.g. a newer cmake) are installed first, offline.
+# One-command GPU check for any CUDA machine with torch, nvcc, cmake and ninja but no network.
+# Order (most important results first; each step is time-capped and the whole script stops
+# starting steps at $MOEOPS_GPU_DEADLINE, default 465 s, so it ends within 8 min): install the wheel prebuilt for this exact source (scripts/prebuild_gpu_wheel.sh,
+# folder prebuilt/) or else build from the checkout; the CUDA/Triton tests; the grouped-GEMM and
+# fused-layer benchmarks; compute-sanitizer memcheck and racecheck on small cases of every CUDA
+# op; then a compact table. Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out).
+# Wheels in ./wheels (e.g. nvidia-cutlass for the headers) are installed first, offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${MOEOPS_GPU_OUT:-./gpu_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+T0=$(date +%s)
 declare -A status
-step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.log, record status
+DEADLINE=${MOEOPS_GPU_DEADLINE:-465}  # seconds for the whole script (the table included)
+step() {  # step NAME CAP CMD...: run for at most CAP s (less near the deadline), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  local left=$(( DEADLINE - (t0 - T0) - 5 ))
+  if (( left < 15 )); then status[$name]="skipped (deadline)"; echo "[$name] skipped: deadline"; return 124; fi
+  (( limit > left )) && limit=$left
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   status[$name]="rc=$rc $(( $(date +%s) - t0 ))s"
-  echo "[$name] ${status[$name]}"
+  echo "[$name] ${status[$name]} (at $(( $(date +%s) - T0 ))s)"
   return $rc
 }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
-git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null
+{ git rev-parse HEAD 2>/dev/null || echo "no git"; bash scripts/source_hash.sh; } > "$OUT/commit.txt"
 if ls wheels/*.whl > /dev/null 2>&1; then
-  step wheels 120 $PY -m pip install --no-index --find-links wheels wheels/*.whl
+  step wheels 120 $PY -m pip install --no-index --no-deps wheels/*.whl
 fi
-export MOEOPS_CUDA=ON MOEOPS_CUDA_ARCHS=${MOEOPS_CUDA_ARCHS:-90a} CMAKE_BUILD_PARALLEL_LEVEL=16
-step build 300 $PY -m pip install -v --no-build-isolation --no-deps . || { tail -50 "$OUT/build.log"; exit 1; }
+PYTAG=$($PY -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+installed=""
+if ls prebuilt/moeops-*-"$PYTAG"-*.whl > /dev/null 2>&1 \
+   && [ "$(cat prebuilt/SOURCE_HASH 2>/dev/null)" = "$(bash scripts/source_hash.sh)" ]; then
+  step prebuilt 120 bash -c "$PY -m pip install --no-index --no-deps --force-reinstall prebuilt/moeops-*-$PYTAG-*.whl \
+    && cd /tmp && $PY -c 'import moeops; assert moeops._C.with_cuda; print(moeops._C.cuda_archs)'" && installed=1
+fi
+if [ -z "$installed" ]; then
+  export MOEOPS_CUDA=ON MOEOPS_CUDA_ARCHS=${MOEOPS_CUDA_ARCHS:-90a} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+  step build 360 $PY -m pip install -v --no-build-isolation --no-deps . || { tail -50 "$OUT/build.log"; exit 1; }
+fi
 (cd /tmp && $PY -m moeops.info) > "$OUT/info.log" 2>&1
-step tests 300 $PY -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
-step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
-step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
-step bench 300 $PY -m moeops bench --device cuda --repeats 20 --time-budget 1 --json "$OUT/bench.json"
+export PYTHONUNBUFFERED=1
+XDIST=""
+$PY -c "import xdist" 2> /dev/null && XDIST="-n 4"
+step tests 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
+step bench_gemm 90 $PY -m moeops bench --suite gemm --device cuda --time-budget 0.3 --repeats 20 --quiet \
+  --json "$OUT/bench_gemm.json"
+step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --time-budget 0.3 --quiet \
+  --json "$OUT/bench.json"
+step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
+step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
 
-echo "================ moeops GPU check ($(cat "$OUT/commit.txt" 2>/dev/null | cut -c1-10)) ================"
-grep -m1 -E "^\|? *[0-9]+ +NVIDIA|NVIDIA H|NVIDIA A" "$OUT/nvidia-smi.log" || true
-grep -E "cuda_kernels_built|cuda_archs|torch " "$OUT/info.log"
-for s in wheels build tests memcheck racecheck bench; do [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"; done
+echo "================ moeops GPU check ($(head -c 10 "$OUT/commit.txt"), $(( $(date +%s) - T0 ))s) ================"
+grep -m1 -E "NVIDIA H|NVIDIA A|NVIDIA B" "$OUT/nvidia-smi.log" || true
+grep -E "^(torch|cuda_kernels_built|cuda_archs|sm90_grouped_gemm|triton) " "$OUT/info.log"
+for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck; do
+  [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"
+done
 tail -1 "$OUT/tests.log"
-grep -E "ERROR SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
+cat "$OUT/bench_gemm.log"
 cat "$OUT/bench.log"
