@@ -72,11 +72,11 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         return t.contiguous()
     rows, cols = t.shape
     if layout == "padded":  # row stride > number of columns
-        buf = torch.full((rows, cols + 3), 7.0, dtype=t.dtype)
+        buf = torch.full((rows, cols + 3), 7.0, dtype=t.dtype, device=t.device)
         buf[:, :cols] = t
         return buf[:, :cols]
     if layout == "every_other":  # row stride = 2 * columns
-        buf = torch.full((2 * rows, cols), 7.0, dtype=t.dtype)
+        buf = torch.full((2 * rows, cols), 7.0, dtype=t.dtype, device=t.device)
         buf[::2] = t
         return buf[::2]
     if layout == "colmajor":  # column stride != 1
