@@ -115,10 +115,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_torch") = MOEOPS_BUILD_TORCH_VERSION;
   m.attr("cxx_compiler") = __VERSION__;
   m.def("cpu_supports_avx2", &moeops::cpu::cpu_supports_avx2, "CPU has AVX2 + FMA + F16C");
+  m.def("cpu_supports_avx512bf16", &moeops::cpu::cpu_supports_avx512bf16,
+        "CPU has the AVX2 tier plus AVX512 F/BW/VL and AVX512_BF16");
   m.def("cpu_isa", [] { return std::string(moeops::cpu::isa_name(moeops::cpu::active_isa())); },
-        "CPU code path the kernels use now: 'avx2' or 'portable'");
+        "CPU code path the kernels use now: 'avx512bf16', 'avx2' or 'portable'");
   m.def("set_cpu_isa", &moeops::cpu::set_isa, pybind11::arg("name"),
-        "Choose the CPU code path: 'auto', 'avx2' or 'portable'. Returns the active one.");
+        "Choose the CPU code path: 'auto', 'avx512bf16', 'avx2' or 'portable'. Returns the active one.");
   m.def("cpu_workspace_limit", &moeops::cpu::workspace_limit_bytes,
         "Bytes of fp32 scratch one CPU fused-experts call may allocate before it runs in token chunks");
   m.def(

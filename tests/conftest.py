@@ -34,11 +34,13 @@ def one_cpu_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=["avx512bf16", "avx2", "portable"])
 def cpu_isa(request):
-    """Runs a test once per CPU code path (the AVX2 one only where the CPU has it)."""
+    """Runs a test once per CPU code path (each only where the CPU has its instructions)."""
     if request.param == "avx2" and not moeops._C.cpu_supports_avx2():
         pytest.skip("this CPU has no AVX2/FMA/F16C")
+    if request.param == "avx512bf16" and not moeops._C.cpu_supports_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
     before = moeops._C.cpu_isa()
     moeops._C.set_cpu_isa(request.param)
     yield request.param

@@ -92,13 +92,27 @@ def check_grouped_gemm(device, x, w, offsets, w_transposed):
     return got.cpu()
 
 
+# Paths that round the activation to bf16 before the down projection (as Hugging Face does):
+# CUDA tensor cores and the CPU's AVX512-BF16 path, with bf16 hidden and bf16 weights. That
+# second rounding, through ReLU^2 and a down-projection sum with cancellation, exceeds one output
+# rounding; an fp32-intermediate bug still fails this (see test_fused_experts_exact_activation).
+BF16_INTERMEDIATE_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def _rounds_intermediate(device, hidden, w_up, w_down):
+    bf16 = hidden.dtype == w_up.dtype == w_down.dtype == torch.bfloat16
+    return bf16 and (device == "cuda" or moeops._C.cpu_isa() == "avx512bf16")
+
+
 def check_fused(device, hidden, ids, weights, w_up, w_down, b_up=None, b_down=None, **kw):
     got = moeops.fused_experts(*_to(device, hidden, ids, weights, w_up, w_down, b_up, b_down),
                                **{n: (v.to(device) if isinstance(v, torch.Tensor) else v)
                                   for n, v in kw.items()}, backend=BACKEND)
     want = reference.fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, **kw)
     assert got.dtype == hidden.dtype and got.shape == hidden.shape
-    torch.testing.assert_close(got.cpu(), want, **_tol(hidden.dtype, w_up.shape[2]))
+    tol = (BF16_INTERMEDIATE_TOL if _rounds_intermediate(device, hidden, w_up, w_down)
+           else _tol(hidden.dtype, w_up.shape[2]))
+    torch.testing.assert_close(got.cpu(), want, **tol)
     return got.cpu()
 
 

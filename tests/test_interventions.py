@@ -265,8 +265,10 @@ def test_fused_experts_stats_kernel_matches_reference():
         torch.testing.assert_close(a.out, moeops.fused_experts(h, ids, w, w_up, w_down,
                                                                activation=act, gated=gated,
                                                                gain=gain), atol=0, rtol=0)
+        # bf16: the kernel may round the activation to bf16 (AVX512-BF16 CPUs, docs/ops.md)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
         for x, y in zip(a, b):
-            torch.testing.assert_close(x.float(), y.float(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(x.float(), y.float(), **tol)
         assert int(a.out_absmax_channel[4]) == -1 and float(a.out_absmax[4]) == 0
         assert int(a.out_absmax_channel[2]) == -1  # gain 0: not computed
         if act == "relu":

@@ -33,7 +33,8 @@ from moeops import reference as ref
 _ops = torch.ops.moeops
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISAS = ("avx2", "portable") if moeops._C.cpu_supports_avx2() else ("portable",)
+ISAS = tuple(n for n, ok in (("avx512bf16", moeops._C.cpu_supports_avx512bf16()),
+                             ("avx2", moeops._C.cpu_supports_avx2()), ("portable", True)) if ok)
 
 # One rounding of the output dtype (bf16 ulp 2^-8 relative, fp16 2^-11) plus fp32 noise.
 ROUND_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -517,6 +518,9 @@ def _expert_inputs(c):
 
 def _fe_tol(c):
     dt = c["hdt"] if c["hdt"] != torch.float32 else c["wdt"]
+    if c["hdt"] == c["wdt"] == torch.bfloat16 and c["isa"] == "avx512bf16":
+        # the activation is rounded to bf16 before the down projection (docs/ops.md)
+        return dict(rtol=2e-2, atol=2e-2)
     return MM_TOL[dt]
 
 

@@ -53,6 +53,7 @@ def collect() -> dict:
         "triton": triton_version,
         "cxx_compiler": _C.cxx_compiler,
         "cpu_supports_avx2_fma_f16c": bool(_C.cpu_supports_avx2()),
+        "cpu_supports_avx512bf16": bool(_C.cpu_supports_avx512bf16()),
         "cpu_isa_in_use": _C.cpu_isa(),
         "cpu_threads": torch.get_num_threads(),
         "ops": kernels,

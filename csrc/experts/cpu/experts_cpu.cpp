@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_combine.h"
@@ -30,14 +31,17 @@ struct Item {
 };
 
 constexpr int64_t kRowBlock = 48;  // rows of A per item: 48 x 2048 fp32 = 384 KiB stays in L2
+// bf16 rows (gemm_dot_bf16): 96 x 2048 bf16 = 384 KiB per K pass of kBf16KChunk
+constexpr int64_t kRowBlockBf16 = 96;
 
 // Items covering rows offsets[e]..offsets[e+1] x columns [0, N) for every expert with rows.
-std::vector<Item> make_items(const int32_t* off, int64_t E, int64_t N, int64_t col_block) {
+std::vector<Item> make_items(const int32_t* off, int64_t E, int64_t N, int64_t col_block,
+                             int64_t row_block = kRowBlock) {
   std::vector<Item> items;
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowBlock)
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += row_block)
       for (int64_t n0 = 0; n0 < N; n0 += col_block)
-        items.push_back({static_cast<int32_t>(e), m0, std::min<int64_t>(m0 + kRowBlock, off[e + 1]), n0,
+        items.push_back({static_cast<int32_t>(e), m0, std::min<int64_t>(m0 + row_block, off[e + 1]), n0,
                          std::min(n0 + col_block, N)});
   return items;
 }
@@ -83,16 +87,32 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
                       " > offsets[", e + 1, "]=", off[e + 1]);
   TORCH_CHECK_VALUE(off[E] <= R, "moeops: offsets[E]=", off[E], " exceeds the number of rows of x (", R, ")");
 
-  const Tensor x = to_f32_contig(x_in);
+  // bf16 x bf16 on AVX512-BF16: dot products of the bf16 values as given (no widening pass)
+  const bool bf16_dot = cpu::use_avx512bf16() && !w_transposed && x_in.scalar_type() == at::kBFloat16 &&
+                        w_in.scalar_type() == at::kBFloat16;
+  const Tensor x = bf16_dot ? x_in.contiguous() : to_f32_contig(x_in);
   const Tensor w = w_in.contiguous();
   const bool direct = x_in.scalar_type() == at::kFloat;
   Tensor out32 = direct ? at::empty({R, N}, x_in.options()) : at::empty({R, N}, x_in.options().dtype(at::kFloat));
   cpu::advise_huge_pages(out32.data_ptr(), out32.nbytes());
   float* C = out32.data_ptr<float>();
-  const float* A = x.data_ptr<float>();
   std::fill(C, C + static_cast<int64_t>(off[0]) * N, 0.f);  // rows no expert owns are zero
   if (off[E] < R) std::fill(C + off[E] * N, C + R * N, 0.f);
-  const auto items = make_items(off, E, N, column_block(off[E], N, w_transposed ? 16 : 4));
+  const auto items = make_items(off, E, N, column_block(off[E], N, w_transposed ? 16 : 4),
+                                bf16_dot ? kRowBlockBf16 : kRowBlock);
+  if (bf16_dot) {
+    const auto* A = static_cast<const c10::BFloat16*>(x.data_ptr());
+    const auto* B = static_cast<const c10::BFloat16*>(w.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const Item& it = items[i];
+        cpu::gemm_dot_bf16(A + it.m0 * K, K, it.m1 - it.m0, B + (it.e * N + it.n0) * K, K, it.n1 - it.n0, K,
+                           C + it.m0 * N + it.n0, N);
+      }
+    });
+    return out32.to(x_in.scalar_type());
+  }
+  const float* A = x.data_ptr<float>();
   cpu::dispatch_float(to_dtype(w, "w"), [&](auto tag) {
     using W = decltype(tag);
     const W* B = static_cast<const W*>(w.data_ptr());
@@ -246,24 +266,36 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
   Tensor out = at::empty({T, H}, hidden_in.options());
   if (T == 0 || H == 0) return out;
 
-  // Scratch per chunk of tokens, reused across chunks: X [R, H] gathered rows (fp32), U [R, NU]
-  // up projection, Y [R (+ tokens), H] per-slot outputs (+ the shared expert's rows). The chunk
-  // is as many tokens as fit the workspace limit (cpu_memory.h), at least one.
+  // bf16 hidden and bf16 weights on an AVX512-BF16 CPU: both GEMMs take bf16 operands
+  // (vdpbf16ps, fp32 accumulation); the gathered rows stay bf16 and the activation is rounded to
+  // bf16 before the down projection, as Hugging Face's experts and the CUDA tensor-core path do.
+  const bool bf16_dot = cpu::use_avx512bf16() && hidden_in.scalar_type() == at::kBFloat16 &&
+                        wptr.up_dtype == DType::BF16 && wptr.down_dtype == DType::BF16;
+
+  // Scratch per chunk of tokens, reused across chunks: X [R, H] gathered rows (fp32; bf16 on the
+  // bf16 path), U [R, NU] up projection (+ Ub [R, I], its bf16 activation, on the bf16 path),
+  // Y [R (+ tokens), H] per-slot outputs (+ the shared expert's rows). The chunk is as many
+  // tokens as fit the workspace limit (cpu_memory.h), at least one.
   const bool has_shared = shared.defined();
-  const int64_t bytes_per_token = 4 * (K * (2 * H + NU) + (has_shared ? H : 0));
+  const int64_t bytes_per_token =
+      4 * (K * (H + NU) + (has_shared ? H : 0)) + K * (bf16_dot ? 2 * (H + I) : 4 * H);
   const int64_t tc = std::clamp<int64_t>(cpu::workspace_limit_bytes() / bytes_per_token, 1, T);
   auto f32 = hidden_in.options().dtype(at::kFloat);
-  Tensor X = at::empty({tc * K, H}, f32), U = at::empty({tc * K, NU}, f32),
-         Y = at::empty({tc * K + (has_shared ? tc : 0), H}, f32);
-  for (Tensor* t : {&X, &U, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
-  float *Xp = X.data_ptr<float>(), *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
+  auto b16 = hidden_in.options().dtype(at::kBFloat16);
+  Tensor X = at::empty({tc * K, H}, bf16_dot ? b16 : f32), U = at::empty({tc * K, NU}, f32),
+         Ub = at::empty({bf16_dot ? tc * K : 0, I}, b16), Y = at::empty({tc * K + (has_shared ? tc : 0), H}, f32);
+  for (Tensor* t : {&X, &U, &Ub, &Y}) cpu::advise_huge_pages(t->data_ptr(), t->nbytes());
+  float *Up = U.data_ptr<float>(), *Yp = Y.data_ptr<float>();
+  float* Xp = bf16_dot ? nullptr : X.data_ptr<float>();
+  auto* Xb = bf16_dot ? static_cast<c10::BFloat16*>(X.data_ptr()) : nullptr;
+  auto* Ubp = bf16_dot ? static_cast<c10::BFloat16*>(Ub.data_ptr()) : nullptr;
   const Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
   const float* bup = b_up.defined() ? b_up.data_ptr<float>() : nullptr;
   const float* bdn = b_down.defined() ? b_down.data_ptr<float>() : nullptr;
   const float* sg = has_shared ? shared_gate.data_ptr<float>() : nullptr;
   const int64_t KS = K + (has_shared ? 1 : 0);
   const float* wp = rw.data_ptr<float>();
-  const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
+  const bool avx2 = cpu::use_avx2();
   std::vector<int32_t> off(E + 1), row_slot, inverse;
 
   for (int64_t t0 = 0; t0 < T; t0 += tc) {
@@ -288,8 +320,15 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
       }
     }
 
-    // 2. gather the rows, widened to fp32
-    cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
+    // 2. gather the rows, widened to fp32 (copied as bf16 on the bf16 path)
+    if (bf16_dot) {
+      const auto* hp = static_cast<const c10::BFloat16*>(hidden.data_ptr());
+      const int64_t hs = hidden.stride(0);
+      at::parallel_for(0, R, 64, [&](int64_t b, int64_t end) {
+        for (int64_t r = b; r < end; ++r)
+          std::memcpy(Xb + r * H, hp + (t0 + row_slot[r] / K) * hs, sizeof(c10::BFloat16) * H);
+      });
+    } else cpu::dispatch_float(to_dtype(hidden, "hidden"), [&](auto tag) {
       using TH = decltype(tag);
       const TH* hp = static_cast<const TH*>(hidden.data_ptr());
       const int64_t hs = hidden.stride(0);
@@ -304,19 +343,26 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
     // 3. up projection with the bias and activation in the epilogue. Gated experts: an item owns
     //    gate columns [n0, n1) and the matching up columns [I+n0, I+n1), and writes act(g)*u over
     //    the gate columns of U, which the down projection then reads (lda = NU).
-    const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4));
+    const int64_t row_block = bf16_dot ? kRowBlockBf16 : kRowBlock;
+    const auto up_items = make_items(off.data(), E, I, column_block(R, I, 4), row_block);
     cpu::dispatch_float(wptr.up_dtype, [&](auto tag) {
       using W = decltype(tag);
       at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t end) {
         for (int64_t i = b; i < end; ++i) {
           const Item& it = up_items[i];
           const W* G = static_cast<const W*>(wptr.gate[it.e]);
+          const W* Uw = static_cast<const W*>(wptr.up[it.e]);
           const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
           float* Cg = Up + it.m0 * NU;
-          cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
-          if (gated) {
-            const W* Uw = static_cast<const W*>(wptr.up[it.e]);
-            cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+          if constexpr (std::is_same_v<W, c10::BFloat16>) {
+            if (bf16_dot) {
+              cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
+              if (gated) cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+            }
+          }
+          if (!bf16_dot) {
+            cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
+            if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
           }
           const float* bu = bup ? bup + it.e * NU : nullptr;
           for (int64_t m = 0; m < M; ++m) {
@@ -325,6 +371,11 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
               float g = row[j] + (bu ? bu[j] : 0.f);
               float a = act_fn(d.act, g);
               if (gated) a *= row[I + j] + (bu ? bu[I + j] : 0.f);
+              if (bf16_dot) {  // the down projection's input, and U keeps the same value
+                const c10::BFloat16 ab(a);
+                Ubp[(it.m0 + m) * I + j] = ab;
+                a = static_cast<float>(ab);
+              }
               row[j] = a;
             }
           }
@@ -333,7 +384,7 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
     });
 
     // 4. down projection (+ bias): Y [R, H] = act(U)[:, :I] . w_down[e]^T
-    const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4));
+    const auto down_items = make_items(off.data(), E, H, column_block(R, H, 4), row_block);
     cpu::dispatch_float(wptr.down_dtype, [&](auto tag) {
       using W = decltype(tag);
       at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t end) {
@@ -341,8 +392,11 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
           const Item& it = down_items[i];
           const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
           float* C = Yp + it.m0 * H + it.n0;
-          cpu::gemm_dot(Up + it.m0 * NU, NU, M, static_cast<const W*>(wptr.down[it.e]) + it.n0 * I, I, nb, I, C,
-                        H);
+          const W* Wd = static_cast<const W*>(wptr.down[it.e]) + it.n0 * I;
+          if constexpr (std::is_same_v<W, c10::BFloat16>) {
+            if (bf16_dot) cpu::gemm_dot_bf16(Ubp + it.m0 * I, I, M, Wd, I, nb, I, C, H);
+          }
+          if (!bf16_dot) cpu::gemm_dot(Up + it.m0 * NU, NU, M, Wd, I, nb, I, C, H);
           if (bdn)
             for (int64_t m = 0; m < M; ++m)
               for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];

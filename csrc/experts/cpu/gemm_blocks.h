@@ -9,6 +9,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -89,7 +90,7 @@ template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
               float* C, int64_t ldc, bool accumulate = false) {
 #ifdef MOEOPS_HAS_AVX2_PATH
-  if (active_isa() == Isa::Avx2) {
+  if (use_avx2()) {
     if (M == 1) {  // decode: stream weights, 8 rows in flight
       int64_t n = 0;
       for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
@@ -151,6 +152,147 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
   }
 }
 
+// ------------------------------------------------------------------ dot form, bf16 x bf16
+#ifdef MOEOPS_HAS_AVX2_PATH
+#define MOEOPS_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// The sums of the 16 lanes of a, b, c and d, as one vector: lanes i and i+8 first, then
+// adjacent pairs twice, then the two 128-bit halves. Every output gets this same tree whether it
+// is reduced with three others or alone (d = c = b = a), so results do not depend on the block.
+MOEOPS_AVX512BF16 inline __m128 hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+  const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+  const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// MR x NR accumulators of 16 fp32 lanes; K in steps of 32 bf16 (vdpbf16ps: lane i adds the
+// products of the pair k = 2i, 2i+1), a masked step for the tail, one horizontal sum per output.
+// Each output's arithmetic is the same whatever block it falls in, so results do not depend on
+// how many rows an expert has.
+// `prefetch`: the next weight panel (NR rows, stride ldb), pulled into L2 alongside this block's
+// k-loop so that its DRAM reads overlap this panel's arithmetic; null for none.
+template <int MR, int NR>
+MOEOPS_AVX512BF16 inline void dot_block_bf16(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+                                             int64_t ldb, int64_t K, float* C, int64_t ldc, bool accumulate,
+                                             const c10::BFloat16* prefetch = nullptr) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if (prefetch)
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
+    __m512i a[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) a[m] = _mm512_loadu_si512(A + m * lda + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m512i b = _mm512_loadu_si512(B + n * ldb + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)a[m], (__m512bh)b);
+    }
+  }
+  if (k < K) {  // 1..31 left: masked loads read nothing past the row
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512i a[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) a[m] = _mm512_maskz_loadu_epi16(mask, A + m * lda + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m512i b = _mm512_maskz_loadu_epi16(mask, B + n * ldb + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)a[m], (__m512bh)b);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float* c = C + m * ldc;
+    if constexpr (NR % 4 == 0) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; n += 4) {
+        __m128 s = hsum16x4(acc[m][n], acc[m][n + 1], acc[m][n + 2], acc[m][n + 3]);
+        if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(c + n));
+        _mm_storeu_ps(c + n, s);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) {
+        const float s = _mm_cvtss_f32(hsum16x4(acc[m][n], acc[m][n], acc[m][n], acc[m][n]));
+        c[n] = accumulate ? c[n] + s : s;
+      }
+    }
+  }
+}
+#endif
+
+// K per pass of gemm_dot_bf16: up to 96 rows x 2048 bf16 (384 KiB) of A stay in L2 while every
+// weight panel of the item passes. Longer K (Mixtral's 4096 / 14336) is cut into such passes that
+// accumulate into C, so an expert's weights are read from memory once per item, not once per
+// 48-row block.
+constexpr int64_t kBf16KChunk = 2048;
+
+// C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K with bf16 A and B and fp32 results, on
+// AVX512-BF16 (only called when use_avx512bf16()). Like gemm_dot: a 4-row weight panel stays in
+// L1 while the rows stream past it, 4 rows at a time (16 accumulators), and the next panel is
+// prefetched meanwhile; decode (M == 1) streams 8 weight rows at a time. K beyond kBf16KChunk is
+// done in passes (the same passes whatever M is).
+inline void gemm_dot_bf16(const c10::BFloat16* A, int64_t lda, int64_t M, const c10::BFloat16* B, int64_t ldb,
+                          int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate = false) {
+#ifdef MOEOPS_HAS_AVX2_PATH
+  if (K > kBf16KChunk) {
+    for (int64_t k0 = 0; k0 < K; k0 += kBf16KChunk)
+      gemm_dot_bf16(A + k0, lda, M, B + k0, ldb, N, std::min(kBf16KChunk, K - k0), C, ldc, accumulate || k0 > 0);
+    return;
+  }
+  if (M == 1) {
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8)
+      dot_block_bf16<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate, N - n >= 16 ? B + (n + 8) * ldb : nullptr);
+    for (; n < N; ++n) dot_block_bf16<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+    return;
+  }
+  for (int64_t n = 0; n < N; n += 4) {
+    const c10::BFloat16* Bn = B + n * ldb;
+    float* Cn = C + n;
+    if (N - n >= 4) {
+      // the first row block also prefetches the next panel
+      const c10::BFloat16* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        dot_block_bf16<4, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
+      }
+      const c10::BFloat16* pf = m == 0 ? next : nullptr;
+      switch (M - m) {
+        case 3: dot_block_bf16<3, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 2: dot_block_bf16<2, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 1: dot_block_bf16<1, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        default: break;
+      }
+    } else {
+      for (int64_t j = 0; j < N - n; ++j) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          dot_block_bf16<4, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
+        for (; m < M; ++m) dot_block_bf16<1, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
+      }
+    }
+  }
+#else
+  (void)A, (void)lda, (void)M, (void)B, (void)ldb, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate;
+  throw std::logic_error("moeops: gemm_dot_bf16 needs an x86-64 build");
+#endif
+}
+
 // ------------------------------------------------------------------ axpy form ([K, N] weights)
 #ifdef MOEOPS_HAS_AVX2_PATH
 // MR rows x 16 columns: 2*MR accumulators, two weight vectors per k, one broadcast.
@@ -182,7 +324,7 @@ void gemm_axpy(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, 
                int64_t ldc) {
   int64_t n = 0;
 #ifdef MOEOPS_HAS_AVX2_PATH
-  if (active_isa() == Isa::Avx2) {
+  if (use_avx2()) {
     for (; n + 16 <= N; n += 16) {
       int64_t m = 0;
       for (; m + 6 <= M; m += 6) axpy_block16_avx2<6>(A + m * lda, lda, B + n, ldb, K, C + m * ldc + n, ldc);

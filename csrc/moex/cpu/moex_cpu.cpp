@@ -216,7 +216,7 @@ template <class W>
 void down_rows(const float* A, int64_t lda, int64_t MR, const int32_t* idx, int64_t n, const W* B, int64_t ldb,
                int64_t ncols, float* C, int64_t ldc) {
 #ifdef MOEOPS_HAS_AVX2_PATH
-  if (cpu::active_isa() == cpu::Isa::Avx2) {
+  if (cpu::use_avx2()) {
     int64_t c = 0;
     if (MR == 1) {
       for (; c + 96 <= ncols; c += 96) down_row_avx2<12>(A, idx, n, B + c, ldb, C + c);
@@ -563,7 +563,7 @@ std::tuple<Tensor, Tensor> moex_experts_cpu(const Tensor& hidden_in, const Tenso
 
   // deterministic weighted combine (slot order, fp32)
   const float* wp = rw.data_ptr<float>();
-  const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
+  const bool avx2 = cpu::use_avx2();
   cpu::dispatch_float(to_dtype(out, "hidden"), [&](auto tag) {
     using TO = decltype(tag);
     TO* op = static_cast<TO*>(out.data_ptr());

@@ -39,7 +39,7 @@ void permute_kernel(const Tensor& hidden, const int32_t* slots, int64_t R, int64
   const T* src = static_cast<const T*>(hidden.data_ptr());
   const int64_t H = hidden.size(1), stride = hidden.stride(0);
   if (H == 0) return;  // zero-sized rows: out may be null, nothing to copy (UBSan: memcpy(null))
-  const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
+  const bool avx2 = cpu::use_avx2();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -71,7 +71,7 @@ void combine_kernel(const Tensor& x, const Tensor& weights, const Tensor& invers
   const float* wp = weights.data_ptr<float>();
   const int32_t* ip = inverse.data_ptr<int32_t>();
   T* op = static_cast<T*>(out.data_ptr());
-  const bool avx2 = cpu::active_isa() == cpu::Isa::Avx2;
+  const bool avx2 = cpu::use_avx2();
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(H * K, 1));
   at::parallel_for(0, T_, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
