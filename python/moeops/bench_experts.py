@@ -197,17 +197,32 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
     c = torch.empty(n, n, device=device)
     t_mm = timed(lambda: torch.mm(a, b, out=c))
     flop = 2 * n ** 3
-    return {"bandwidth": nbytes / statistics.median(t_read),
-            "bandwidth_best": nbytes / min(t_read),
-            "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm),
-            "bandwidth_kind": "read (torch sum)", "gemm_kind": "fp32 mm 2048^3"}
+    out = {"bandwidth": nbytes / statistics.median(t_read),
+           "bandwidth_best": nbytes / min(t_read),
+           "gemm_flops": flop / statistics.median(t_mm), "gemm_flops_best": flop / min(t_mm),
+           "bandwidth_kind": "read (torch sum)", "gemm_kind": "fp32 mm 2048^3"}
+    # CPUs with AVX512-BF16 multiply bf16 at about twice the fp32 rate (torch's oneDNN and
+    # moeops' vdpbf16ps kernels): that is the ceiling of bf16 cases there. (Without it torch's
+    # bf16 mm is far slower than fp32 and would take minutes to time.)
+    try:
+        from moeops import _C
+        fast_bf16 = bool(_C.cpu_supports_avx512bf16())
+    except Exception:
+        fast_bf16 = False
+    if fast_bf16:
+        a16, b16, c16 = a.bfloat16(), b.bfloat16(), c.bfloat16()
+        t16 = timed(lambda: torch.mm(a16, b16, out=c16))
+        out.update(gemm_flops_bf16=flop / statistics.median(t16), gemm_flops_bf16_best=flop / min(t16))
+    return out
 
 
 def combine_machine(*ms: dict) -> dict:
     """The limits used for the fractions: the higher of several :func:`measure_machine` medians
     (taken at the start and the end of a run, so one noisy moment does not lower the ceiling)."""
+    bf16 = [m["gemm_flops_bf16"] for m in ms if m.get("gemm_flops_bf16")]
     return {"bandwidth": max(m["bandwidth"] for m in ms),
             "gemm_flops": max(m["gemm_flops"] for m in ms),
+            **({"gemm_flops_bf16": max(bf16)} if bf16 else {}),
             "bandwidth_method": f"{ms[0]['bandwidth_kind']} of 1 GiB, median of 5, higher of start/end",
             "gemm_method": f"{ms[0]['gemm_kind']}, median of 5, higher of start/end",
             "measurements": list(ms)}
@@ -606,7 +621,10 @@ def _moeops_version() -> str:
 def _add_limits(r: dict, machine: dict) -> None:
     """Adds the limits and each implementation's fraction of them to a case result."""
     t_bw = r["bytes"] / machine["bandwidth"]
-    t_gemm = r["flops"] / machine["gemm_flops"]
+    rate = machine["gemm_flops"]
+    if r.get("dtype") == "bf16" and machine.get("gemm_flops_bf16"):
+        rate = max(rate, machine["gemm_flops_bf16"])  # the bf16 ceiling where bf16 is faster
+    t_gemm = r["flops"] / rate
     r.update(limit_bw_s=t_bw, limit_gemm_s=t_gemm, bound="bw" if t_bw >= t_gemm else "gemm",
              limit_s=max(t_bw, t_gemm))
     for t in r["results"].values():
@@ -692,7 +710,9 @@ def format_experts_bench(r: dict) -> str:
         f"bandwidth {m['bandwidth'] / 1e9:.1f} GB/s ({m['measurements'][0]['bandwidth_kind']} "
         f"of 1 GiB: " + " / ".join(f"{x['bandwidth'] / 1e9:.1f}" for x in m["measurements"])
         + f"), GEMM {m['gemm_flops'] / 1e9:.1f} GFLOP/s ({m['measurements'][0]['gemm_kind']}: "
-        + " / ".join(f"{x['gemm_flops'] / 1e9:.1f}" for x in m["measurements"]) + ")",
+        + " / ".join(f"{x['gemm_flops'] / 1e9:.1f}" for x in m["measurements"]) + ")"
+        + (f", bf16 GEMM {m['gemm_flops_bf16'] / 1e9:.1f} GFLOP/s (bf16 mm 2048^3, the limit of "
+           f"bf16 cases)" if m.get("gemm_flops_bf16") else ""),
     ]
     cpu = r.get("cpu") or {}
     if r["device"] == "cpu" and cpu:
