@@ -603,3 +603,28 @@ def test_hf_qwen3_moe_experts_parity(hf_act, activation):
         got = moeops.fused_experts(hidden, ids, top_w.float(), experts.gate_up_proj,
                                    experts.down_proj, activation=activation, backend=BACKEND)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_experts_rows_do_not_depend_on_the_batch(cpu_isa, dtype):
+    """A token's output is the same bits whether it comes alone or with others (its experts then
+    have 1 row or many, so other kernel blocks run): every CPU path uses one arithmetic per
+    output (on AVX512-BF16 one horizontal-sum tree and K passes fixed by K)."""
+    T, H, I, E, K = 41, 2100, 40, 4, 2  # H > 2048: two K passes on the bf16 path; K tails
+    ids, weights = random_routing(T, K, E, 3, 0.1)
+    hidden = torch.randn(T, H, generator=_gen(3)).to(dtype)
+    w_up, w_down, _, _ = expert_params(E, H, I, True, 3, dtype)
+    full = moeops.fused_experts(hidden, ids, weights, w_up, w_down, backend="cpp")
+    for t in (0, 17, T - 1):
+        one = moeops.fused_experts(hidden[t:t + 1], ids[t:t + 1], weights[t:t + 1], w_up, w_down,
+                                   backend="cpp")
+        assert torch.equal(one[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           full[t].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), t
+    gg_x = hidden[:12]
+    off = torch.tensor([0, 5, 5, 12, 12], dtype=torch.int32)
+    rows = moeops.grouped_gemm(gg_x, w_down.transpose(1, 2).contiguous(), off, backend="cpp")
+    for r in (0, 6, 11):
+        e = int(torch.searchsorted(off, torch.tensor(r), right=True)) - 1
+        single = moeops.grouped_gemm(gg_x[r:r + 1], w_down.transpose(1, 2)[e:e + 1].contiguous(),
+                                     torch.tensor([0, 1], dtype=torch.int32), backend="cpp")
+        assert torch.equal(single[0].float(), rows[r].float()), r
