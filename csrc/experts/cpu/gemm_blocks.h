@@ -44,9 +44,11 @@ MOEOPS_AVX2 inline float hsum8(__m256 v) {
 }
 
 // MR x NR accumulators of 8 lanes each; K in steps of 8, scalar tail.
+// `prefetch`: the next weight panel (NR rows, stride ldb), pulled into L2 during this block's
+// k-loop so that its memory reads overlap this panel's arithmetic; null for none.
 template <int MR, int NR, class W>
 MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K, float* C,
-                                       int64_t ldc, bool accumulate) {
+                                       int64_t ldc, bool accumulate, const W* prefetch = nullptr) {
   __m256 acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -54,6 +56,10 @@ MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, 
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    // one prefetch per 64-byte line of each next-panel row
+    if (prefetch && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
     __m256 a[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) a[m] = _mm256_loadu_ps(A + m * lda + k);
@@ -118,13 +124,15 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       int64_t m = 0;
       if (nr == 4) {
         // 3-row blocks; a remainder of 1 row becomes two 2-row blocks (a 1x4 block runs at a
-        // third of the FMA rate)
+        // third of the FMA rate). The first block prefetches the next panel.
+        const W* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
         const int64_t m3 = M % 3 == 1 && M >= 4 ? M - 4 : M - M % 3;
         for (; m < m3; m += 3)
-          dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+          dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
         for (; m + 2 <= M; m += 2)
-          dot_block_avx2<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
-        for (; m < M; ++m) dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate);
+          dot_block_avx2<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
+        for (; m < M; ++m)
+          dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
       } else {
         for (int j = 0; j < nr; ++j) {
           for (m = 0; m + 3 <= M; m += 3)
