@@ -191,6 +191,9 @@ def run_layer_scenario(name, cfg, rank, world, seed):
                                mask_mode=mode, **gating_kwargs(cfg))
     res["rows_sent"], res["rows_received"] = t["rows_sent"], t["rows_received"]
     res["nonempty_slots"] = int((r.ids >= 0).sum())
+    owner = torch.tensor(placement.expert_to_rank)
+    res["token_rank_pairs"] = len({(t, int(owner[e])) for t, row in enumerate(r.ids.tolist())
+                                   for e in row if e >= 0})
     return res
 
 

@@ -5,19 +5,19 @@ Each rank keeps the router (replicated) and only its own experts' weights. One M
 forward on every rank (design, data volumes and the NCCL mapping: ``docs/distributed.md``):
 
 1. local gating: ``topk_gating`` on the rank's own tokens -> ids/weights ``[T, K]``;
-2. dispatch: ``route_plan`` on the ids renumbered so experts are grouped by owning rank, then
-   ``permute`` -> rows grouped by (destination rank, expert, slot); empty slots (id -1) have no
-   row and are never sent;
-3. exchange the per-expert row counts (one small ``all_to_all_single``), then the rows (a second,
-   uneven ``all_to_all_single``);
-4. local experts: ``fused_experts`` on the received rows with ids remapped to local expert
-   indices (each row is one slot: ``K=1``, weight 1, so each row comes back unweighted);
-5. the expert outputs go back with the reversed splits;
-6. combine: ``combine`` with the routing weights, fp32 accumulation in slot order ``k=0..K-1``
-   (deterministic; the same sum as the single-process ``fused_experts``).
+2. dispatch: one row per (token, destination rank holding any of its experts), in (rank, token)
+   order, carrying the token's K slots as local expert indices on that rank (-1 elsewhere) and
+   their routing weights; a token whose slots are all empty sends nothing;
+3. exchange the per-rank row counts (one small ``all_to_all_single``), then the rows, their
+   slot ids and weights (uneven ``all_to_all_single`` calls);
+4. local experts: ``fused_experts`` on the received rows with those ids and weights, which also
+   does the rank's share of the token's weighted sum (fp32, slot order);
+5. the partial sums go back with the reversed splits, in ``combine_dtype``;
+6. combine: ``combine`` sums each token's partial sums over ranks in rank order, in fp32
+   (deterministic).
 
-The two row exchanges are an autograd function (backward = the same all-to-all with the splits
-swapped), so gradients reach the inputs, the router and every rank's expert shard. Under grad
+The row and weight exchanges are an autograd function (backward = the same all-to-all with the
+splits swapped), so gradients reach the inputs, the router and every rank's expert shard. Under grad
 mode every rank records the exchanges, so if any rank runs backward, all must (as with DDP).
 
 :func:`patch_expert_parallel` (``moeops.patch(model, ep_group=...)``) does this for a Hugging Face
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moeops.ops import combine, fused_experts, permute, route_plan, topk_gating
+from moeops.ops import combine, fused_experts, topk_gating
 
 __all__ = [
     "ExpertPlacement", "ExpertParallelMoE", "ep_fused_experts", "patch_expert_parallel",
@@ -116,16 +116,15 @@ class ExpertPlacement:
     def experts_per_rank(self) -> list[int]:
         return [sum(1 for r in self.expert_to_rank if r == q) for q in range(self.world_size)]
 
-    def rank_major_order(self) -> list[int]:
-        """Global expert ids sorted by (owning rank, global id): the order rows are sent in."""
-        return sorted(range(self.num_experts), key=lambda e: (self.expert_to_rank[e], e))
-
-    def position_table(self, device=None) -> torch.Tensor:
-        """int32 ``[E]``: position of each expert in :meth:`rank_major_order`."""
-        pos = torch.empty(self.num_experts, dtype=torch.int32)
-        pos[torch.tensor(self.rank_major_order(), dtype=torch.long)] = torch.arange(
-            self.num_experts, dtype=torch.int32)
-        return pos.to(device) if device is not None else pos
+    def lookup_tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 ``[E]`` tensors: the rank owning each expert, and its index among that rank's
+        local experts."""
+        owner = torch.tensor(self.expert_to_rank, dtype=torch.int64)
+        local = torch.empty(self.num_experts, dtype=torch.int64)
+        for r in range(self.world_size):
+            mine = torch.tensor(self.local_experts(r), dtype=torch.int64)
+            local[mine] = torch.arange(mine.numel(), dtype=torch.int64)
+        return (owner.to(device), local.to(device)) if device is not None else (owner, local)
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -199,14 +198,16 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     [n_local, H, I]``, optional ``b_up [n_local, N_up]``, ``b_down [n_local, H]``, ``gain
     [n_local]``. ``activation``/``gated`` as in :func:`moeops.fused_experts`.
 
-    Expert outputs travel back in ``combine_dtype`` (default ``hidden.dtype``; ``torch.float32``
-    keeps them unrounded, so the result equals the single-process ``fused_experts`` up to fp32
-    rounding for any activation dtype, at twice the return bytes for bf16). The combine is
-    fp32 in slot order. Returns ``[T, H]`` in ``hidden.dtype``; differentiable with respect to
+    A token is sent once to each rank holding any of its experts (not once per slot); that rank
+    computes the weighted sum over its slots (fp32, slot order) and sends it back in
+    ``combine_dtype`` (default ``hidden.dtype``; ``torch.float32`` keeps it unrounded, so the
+    result equals the single-process ``fused_experts`` up to fp32 rounding for any activation
+    dtype, at twice the return bytes for bf16); the token's rank adds the partial sums in rank
+    order, in fp32. Returns ``[T, H]`` in ``hidden.dtype``; differentiable with respect to
     hidden, weights and the local expert tensors. ``timings`` (a dict), if given, accumulates
-    seconds per phase: ``dispatch`` (plan, permute, both exchanges out), ``experts``,
-    ``combine`` (exchange back and weighted sum), and counts ``rows_sent`` /
-    ``rows_received`` (rows of ``H`` values each way; padding and empty slots are never sent).
+    seconds per phase: ``dispatch`` (plan, the exchanges out), ``experts``, ``combine``
+    (exchange back and sum), and counts ``rows_sent`` / ``rows_received`` (rows of ``H``
+    values each way: one per (token, destination rank); tokens without slots send nothing).
     ``sync_phases`` (benchmarks only) adds a barrier before each row exchange, timed as
     ``wait``, so time spent waiting for slower ranks is not counted as exchange time.
     """
@@ -228,59 +229,69 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
                          f"{tuple(w_down.shape)}")
     E, (T, K), H = placement.num_experts, ids.shape, hidden.shape[1]
     out_dtype = combine_dtype or hidden.dtype
-    timer = _Timer(timings, hidden.device)
+    dev = hidden.device
+    timer = _Timer(timings, dev)
     # Every rank must agree on whether the exchanges are recorded for backward; grad mode is the
     # one thing all ranks share, so under grad mode they always are (see the module docstring).
     anchor = torch.zeros((), requires_grad=True) if torch.is_grad_enabled() else None
 
-    # 1. dispatch plan: ids renumbered to rank-major positions, then a stable counting sort
+    # 1. dispatch plan: one row per (token, destination rank) that holds any of the token's
+    #    experts, ordered by (rank, token); the row carries the token's K slots with the ids of
+    #    experts on that rank (as local indices) and -1 elsewhere
     ids = ids.to(torch.int32)
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
         raise ValueError(f"moeops: ids must be in [-1, {E}), got [{int(ids.min())}, "
                          f"{int(ids.max())}]")
-    pos = placement.position_table(ids.device)
-    pos_ids = torch.where(ids >= 0, pos[ids.long().clamp(min=0)], -1).to(torch.int32)
-    plan = route_plan(pos_ids, E)
-    per_expert = torch.diff(plan.offsets).to(torch.int64)  # rows per expert, rank-major order
-    R = int(plan.offsets[-1])
-    rows = permute(hidden, plan.sorted_slots[:R], K)
+    owner, local_index = placement.lookup_tables(dev)
+    valid = ids >= 0
+    safe = ids.long().clamp(min=0)
+    slot_rank = torch.where(valid, owner[safe], -1)  # [T, K]
+    present = (slot_rank.unsqueeze(2) == torch.arange(world, device=dev)).any(1)  # [T, W]
+    rank_of_row, token_of_row = present.t().nonzero(as_tuple=True)  # sorted by (rank, token)
+    n_send = rank_of_row.numel()
+    row_ids = torch.where(slot_rank[token_of_row] == rank_of_row.unsqueeze(1),
+                          local_index[safe[token_of_row]], -1).to(torch.int32)  # [n_send, K]
+    row_w = torch.where(row_ids >= 0, weights[token_of_row].float(), 0.0)
+    rows = hidden[token_of_row]
+    send_splits = [int(c) for c in present.sum(0).tolist()]
     if sync_phases:
         timer.lap("dispatch")
         dist.barrier(group=group)
         timer.lap("wait")
-    # 2. counts: rank d receives my counts of its experts; I receive [W, n_local]
-    recv_counts = per_expert.new_empty(world * n_local)
-    dist.all_to_all_single(recv_counts, per_expert, [n_local] * world, n_per_rank, group=group)
-    recv_counts = recv_counts.view(world, n_local)
-    send_splits = [int(s.sum()) for s in per_expert.split(n_per_rank)]
-    recv_splits = [int(c) for c in recv_counts.sum(1).tolist()]
-    # 3. rows out
+    # 2. counts: rank d learns how many rows each rank sends it (one small exchange)
+    counts = torch.tensor(send_splits, dtype=torch.int64, device=dev)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_splits = [int(c) for c in recv_counts.tolist()]
+    # 3. rows out, with their slots' local ids and routing weights
     recv = _exchange(rows, send_splits, recv_splits, group, anchor)
+    recv_w = _exchange(row_w, send_splits, recv_splits, group, anchor)
+    with torch.no_grad():
+        recv_ids = _exchange(row_ids, send_splits, recv_splits, group, None)
     timer.lap("dispatch")
     if timings is not None:
-        timings["rows_sent"] = timings.get("rows_sent", 0) + R
+        timings["rows_sent"] = timings.get("rows_sent", 0) + n_send
         timings["rows_received"] = timings.get("rows_received", 0) + recv.shape[0]
 
-    # 4. local experts, one slot per row, weight 1: the rows come back unweighted
-    n_recv = recv.shape[0]
-    local_ids = torch.arange(n_local, dtype=torch.int32, device=hidden.device).repeat(world)
-    local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1).to(hidden.device))
+    # 4. local experts: each received row is a token with its slots on this rank, so
+    #    fused_experts also does this rank's share of the weighted sum (fp32, slot order)
     x = recv if recv.dtype == out_dtype else recv.to(out_dtype)
     if n_local > 0:
-        y = fused_experts(x, local_ids.view(n_recv, 1),
-                          torch.ones(n_recv, 1, dtype=torch.float32, device=hidden.device),
-                          w_up, w_down, b_up, b_down, activation=activation, gated=gated,
-                          gain=gain)
+        y = fused_experts(x, recv_ids, recv_w, w_up, w_down, b_up, b_down,
+                          activation=activation, gated=gated, gain=gain)
     else:  # no experts here, so nothing was received; keep the graph connected for backward
-        y = x * 0
+        y = x * 0 + recv_w.sum() * 0
     timer.lap("experts")
 
-    # 5. rows back (reversed splits), 6. weighted fp32 combine in slot order
+    # 5. partial sums back (reversed splits), 6. fp32 sum over ranks in rank order: row of
+    #    (token t, rank r) is the position of (r, t) in the sorted send order, or -1
     if sync_phases:
         dist.barrier(group=group)
         timer.lap("wait")
     back = _exchange(y, recv_splits, send_splits, group, anchor)
-    out = combine(back, weights.float(), plan.inverse)
+    inverse = torch.full((T, world), -1, dtype=torch.int32, device=dev)
+    inverse[token_of_row, rank_of_row] = torch.arange(n_send, dtype=torch.int32, device=dev)
+    out = combine(back, torch.ones(T, world, device=dev), inverse.view(-1))
     timer.lap("combine")
     return out.to(hidden.dtype)
 
