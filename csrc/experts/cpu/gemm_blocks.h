@@ -251,7 +251,7 @@ constexpr int64_t kBf16KChunk = 2048;
 
 // C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K with bf16 A and B and fp32 results, on
 // AVX512-BF16 (only called when use_avx512bf16()). Like gemm_dot: a 4-row weight panel stays in
-// L1 while the rows stream past it, 4 rows at a time (16 accumulators), and the next panel is
+// L1 while the rows stream past it, 6 rows at a time (24 accumulators), and the next panel is
 // prefetched meanwhile; decode (M == 1) streams 8 weight rows at a time. K beyond kBf16KChunk is
 // done in passes (the same passes whatever M is).
 inline void gemm_dot_bf16(const c10::BFloat16* A, int64_t lda, int64_t M, const c10::BFloat16* B, int64_t ldb,
@@ -276,8 +276,12 @@ inline void gemm_dot_bf16(const c10::BFloat16* A, int64_t lda, int64_t M, const 
       // the first row block also prefetches the next panel
       const c10::BFloat16* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
+      for (; m + 6 <= M; m += 6) {
+        dot_block_bf16<6, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
+      }
+      if (M - m >= 4) {
         dot_block_bf16<4, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
+        m += 4;
       }
       const c10::BFloat16* pf = m == 0 ? next : nullptr;
       switch (M - m) {
