@@ -1,7 +1,8 @@
 // Run-time choice of the CPU code path. No -march=native: AVX2/FMA/F16C and AVX512-BF16 kernels
 // are compiled with target attributes and picked when the CPU has them; a portable path exists
-// otherwise. The tiers are ordered: avx512bf16 runs the AVX2 kernels too, and adds bf16 x bf16
-// dot products (vdpbf16ps) for the expert GEMMs when activations and weights are both bf16.
+// otherwise. The tiers are ordered: avx512bf16 runs the AVX2 kernels elsewhere, and the expert
+// GEMMs on 512-bit registers: bf16 x bf16 dot products (vdpbf16ps) when activations and weights
+// are both bf16, 512-bit FMAs otherwise.
 #pragma once
 #include <string>
 
