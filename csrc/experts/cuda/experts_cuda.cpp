@@ -62,7 +62,7 @@ std::atomic<int>& gemm_path() {
 
 // Rows per expert from which `auto` takes the CUTLASS sm_90a kernel (128-row tiles) over the
 // mma.sync one (64-row tiles). A first guess, to be tuned on an H200 with
-// `moeops bench --device cuda --suite gemm-paths`.
+// `moeops bench --suite gemm --device cuda`.
 constexpr int64_t kSm90MinAvgRows = 64;
 
 // True when the grouped GEMM `p` (Store epilogue, no bias) should run on the sm_90a kernel.
