@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-command GPU check for any CUDA machine with torch, nvcc, cmake and ninja but no network.
-# Order (most important results first; each step is time-capped and the whole script stops
-# starting steps at $MOEOPS_GPU_DEADLINE, default 465 s, so it ends within 8 min): install the wheel prebuilt for this exact source (scripts/prebuild_gpu_wheel.sh,
-# folder prebuilt/) or else build from the checkout; the CUDA/Triton tests; the grouped-GEMM and
-# fused-layer benchmarks; compute-sanitizer memcheck and racecheck on small cases of every CUDA
-# op; then a compact table. Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out).
+# Order, most important results first: install the wheel prebuilt for this exact source
+# (scripts/prebuild_gpu_wheel.sh, folder prebuilt/) or else build from the checkout; the
+# CUDA/Triton tests; the grouped-GEMM and fused-layer benchmarks; compute-sanitizer memcheck and
+# racecheck on small cases of every CUDA op; then a compact table. Each step is time-capped and
+# no step starts after $MOEOPS_GPU_DEADLINE (default 465 s), so the script ends within 8 min.
+# Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out).
 # Wheels in ./wheels (e.g. nvidia-cutlass for the headers) are installed first, offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
