@@ -53,6 +53,10 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor&
                           const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
                           const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
                           const std::optional<Tensor>& shared_gate);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cuda(
+    const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up, const Tensor& w_down,
+    const std::optional<Tensor>& b_up, const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+    const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out, const std::optional<Tensor>& shared_gate);
 // The kernel of 16-bit grouped GEMMs on Hopper: "auto", "sm90" (CUTLASS wherever it applies) or
 // "mma" (never CUTLASS); initial value from MOEOPS_CUDA_GEMM. Returns the name set.
 std::string set_cuda_gemm_path(const std::string& name);

@@ -85,6 +85,7 @@ TORCH_LIBRARY_IMPL(moeops, CUDA, m) {
   m.impl("combine", &moeops::combine_cuda);
   m.impl("grouped_gemm", &moeops::grouped_gemm_cuda);
   m.impl("fused_experts", &moeops::fused_experts_cuda);
+  m.impl("fused_experts_stats", &moeops::fused_experts_stats_cuda);
   m.impl("moex_router_stats", &moeops::moex_router_stats_cuda);
   m.impl("moex_route", &moeops::moex_route_cuda);
   m.impl("moex_experts", &moeops::moex_experts_cuda);

@@ -135,6 +135,10 @@ def main() -> int:
                                        **{n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()})
             want = reference.fused_experts(h, ids, w, wu, wd, **kw)
             failures += not torch.allclose(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+            st = moeops.fused_experts_stats(*(t.to(dev) for t in (h, ids, w, wu, wd)), backend="cpp",
+                                            **{n: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+                                               for n, v in kw.items()})
+            failures += not torch.equal(st.out, got)
         plan = reference.route_plan(ids, E)
         x = reference.permute(h, plan[1], K)
         for wt in (False, True):

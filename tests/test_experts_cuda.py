@@ -215,3 +215,32 @@ def test_grouped_gemm_rows_beyond_2_31_elements(gemm_path):
     out = moeops.grouped_gemm(x, w, offsets, backend="cpp")
     assert torch.equal(out[-5:].float().cpu(), torch.full((5, N), K * 0.5))
     assert not out[: R - 5].any()
+
+
+@pytest.mark.parametrize("dtype,gated,act", [(torch.float32, True, "silu"), (torch.bfloat16, False, "relu"),
+                                             (torch.float16, True, "gelu")], ids=str)
+@pytest.mark.parametrize("T", [5, 300])
+def test_fused_experts_stats_cuda(dtype, gated, act, T):
+    """The CUDA statistics against the reference: out bit-identical to fused_experts, norms and
+    maxima to the matmul tolerances, the no-rows / gain-0 channel marker exactly, active units
+    exactly (ReLU: within 1 + 1% where a pre-activation rounds across 0)."""
+    E, K, H, I = 6, 3, 72, 40
+    ids, w = _routing(T, K, E, T)
+    ids[ids == 4] = -1  # expert 4 has no rows
+    h = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(dtype)
+    w_up, w_down = _params(E, H, I, gated, dtype, 5)
+    gain = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0])
+    args = (ids, w, w_up, w_down)
+    got = moeops.fused_experts_stats(h.cuda(), *(t.cuda() for t in args), activation=act, gated=gated,
+                                     gain=gain.cuda(), backend="cpp")
+    plain = moeops.fused_experts(h.cuda(), *(t.cuda() for t in args), activation=act, gated=gated,
+                                 gain=gain.cuda(), backend="cpp")
+    want = reference.fused_experts_stats(h, *args, activation=act, gated=gated, gain=gain)
+    assert torch.equal(got.out, plain)
+    tol = TOL[dtype]
+    for g, r in zip(got[1:3], want[1:3]):  # slot norms, out_absmax
+        torch.testing.assert_close(g.cpu(), r, rtol=tol["rtol"], atol=tol["atol"] * H ** 0.5)
+    torch.testing.assert_close(got.in_absmax.cpu(), want[4], **tol)
+    ch = got.out_absmax_channel.cpu()
+    assert int(ch[4]) == -1 and int(ch[2]) == -1 and torch.equal(ch < 0, want[3] < 0)
+    assert bool(((got.active_units.cpu() - want[5]).abs() <= 1 + 0.01 * want[5]).all())

@@ -15,7 +15,7 @@ from samples import SAMPLES
 OPS = registered_ops()
 # Ops without a CUDA kernel (transformers 4.x per-expert lists; the statistics variant); on CUDA tensors
 # backend="auto" falls back to the reference with a warning and backend="cpp" says why.
-CPU_ONLY_OPS = {"fused_experts_list", "fused_experts_stats"}
+CPU_ONLY_OPS = {"fused_experts_list"}
 # MoE-X wide-code export: data-dependent output size, CPU kernel only (docs/moex.md).
 CPU_ONLY_OPS |= {"moex_code"}
 

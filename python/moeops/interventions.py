@@ -15,7 +15,8 @@ exactly the ops they run without this module (checked by counting dispatched ops
   - ``"outputs"``: + per expert the sum of the per-slot L2 norms of the *unweighted* expert
     output, ``max |down-projection output|`` with its channel, ``max |down-projection input|``
     and the number of non-zero down-projection inputs (active units of ReLU experts), all from
-    :func:`moeops.fused_experts_stats` (computed inside the CPU kernel after the down GEMM).
+    :func:`moeops.fused_experts_stats` (computed inside the CPU or CUDA kernel after the down
+    GEMM).
 
   Accumulators are tensors on the model's device, updated in place with ``index_add_`` /
   ``maximum`` / ``+=``: no host synchronisation. ``read_stats`` returns plain dicts of tensors.

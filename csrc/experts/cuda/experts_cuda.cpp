@@ -140,13 +140,20 @@ Tensor grouped_gemm_cuda(const Tensor& x_in, const Tensor& w_in, const Tensor& o
   return mixed ? out.to(x.scalar_type()) : out;
 }
 
-Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in, const Tensor& w_up_in,
-                          const Tensor& w_down_in, const std::optional<Tensor>& b_up,
-                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
-                          const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
-                          const std::optional<Tensor>& shared_gate) {
-  const ExpertsDims d = check_fused_experts_args(hidden, ids_in, weights_in, w_up_in, w_down_in, b_up, b_down,
-                                                 activation, gated, gain);
+namespace {
+
+// The outputs of fused_experts_stats besides `out`, initialised by the caller (0, channel -1).
+struct StatsOut {
+  Tensor norms, out_max, channel, in_max, active;
+};
+
+// fused_experts on CUDA; with `st`, also its statistics, computed from the per-row outputs and
+// the down projection's inputs right after the down projection.
+Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in,
+                               const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up,
+                               const std::optional<Tensor>& b_down, const ExpertsDims& d, bool gated,
+                               const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                               const std::optional<Tensor>& shared_gate, const StatsOut* st) {
   check_cuda_tensor(hidden, "hidden");
   TORCH_CHECK_VALUE(!shared_gate.has_value() || shared_out.has_value(), "moeops: shared_gate given without shared_out");
   if (shared_out.has_value()) check_shared_args(*shared_out, shared_gate, hidden);
@@ -226,6 +233,34 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tens
     Tensor y = at::empty({R, H}, f32);
     run_grouped_gemm(down, act, w_down, offsets, y, T);
 
+    // 4b. statistics (fused_experts_stats only)
+    if (st) {
+      Tensor row_f = at::empty({2, R}, f32), row_i = at::empty({2, R}, f32.dtype(at::kLong));
+      cuda::ExpertStatsParams sp;
+      sp.y = y.data_ptr<float>();
+      sp.H = H;
+      sp.act = act.data_ptr();
+      sp.act_dtype = to_dtype(act, "act");
+      sp.I = I;
+      sp.offsets = offsets.data_ptr<int32_t>();
+      sp.sorted_slots = sorted_slots.data_ptr<int32_t>();
+      sp.E = static_cast<int>(E);
+      sp.R = R;
+      sp.slot_norms = st->norms.data_ptr<float>();
+      sp.row_max = row_f.data_ptr<float>();
+      sp.row_in_max = row_f.data_ptr<float>() + R;
+      sp.row_ch = row_i.data_ptr<int64_t>();
+      sp.row_nnz = row_i.data_ptr<int64_t>() + R;
+      sp.out_absmax = st->out_max.data_ptr<float>();
+      sp.out_channel = st->channel.data_ptr<int64_t>();
+      sp.in_absmax = st->in_max.data_ptr<float>();
+      sp.active = st->active.data_ptr<int64_t>();
+      int sms = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, hidden.get_device()));
+      cuda::launch_expert_stats(sp, sms, c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+
     // 5. deterministic weighted combine in fp32, slot order
     out32 = combine_cuda(y, weights, inverse);
   }
@@ -235,6 +270,37 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids_in, const Tens
     out32 = out32 + sg * shared_out->to(at::kFloat);
   }
   return out32.to(hidden.scalar_type());
+}
+
+}  // namespace
+
+Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
+                          const Tensor& w_down, const std::optional<Tensor>& b_up,
+                          const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+                          const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                          const std::optional<Tensor>& shared_gate) {
+  const ExpertsDims d =
+      check_fused_experts_args(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain);
+  return fused_experts_cuda_impl(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
+                                 shared_gate, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cuda(
+    const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up, const Tensor& w_down,
+    const std::optional<Tensor>& b_up, const std::optional<Tensor>& b_down, std::string_view activation, bool gated,
+    const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+    const std::optional<Tensor>& shared_gate) {
+  const ExpertsDims d =
+      check_fused_experts_args(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain);
+  check_cuda_tensor(hidden, "hidden");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  auto f32 = hidden.options().dtype(at::kFloat);
+  auto i64 = hidden.options().dtype(at::kLong);
+  const StatsOut st{at::zeros({d.T, d.K}, f32), at::zeros({d.E}, f32), at::full({d.E}, -1, i64),
+                    at::zeros({d.E}, f32), at::zeros({d.E}, i64)};
+  Tensor out = fused_experts_cuda_impl(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
+                                       shared_gate, &st);
+  return {out, st.norms, st.out_max, st.channel, st.in_max, st.active};
 }
 
 std::string set_cuda_gemm_path(const std::string& name) {

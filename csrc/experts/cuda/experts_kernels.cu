@@ -17,6 +17,7 @@
 // All row and element offsets are 64-bit.
 //
 // Only CUDA/CUB headers and the launch header here (project rule: no torch in .cu files).
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -562,6 +563,103 @@ void launch_expert_activation(const void* in, DType dtype, int64_t R, int64_t I,
   else if (dtype == DType::F16) go.template operator()<__half>();
   else throw std::invalid_argument("moeops::cuda::launch_expert_activation: 16-bit dtypes only");
   check(cudaGetLastError(), "expert activation kernel launch");
+}
+
+// ---------------------------------------------------------------- fused_experts_stats
+namespace {
+struct MaxAt {  // max |y| and its first channel; NaN never wins (as the CPU loop's `a > mx`)
+  float v;
+  int64_t i;
+};
+struct MaxAtOp {
+  __device__ __forceinline__ MaxAt operator()(const MaxAt& a, const MaxAt& b) const {
+    if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+    return a;
+  }
+};
+}  // namespace
+
+template <class TA>
+__global__ void __launch_bounds__(256) expert_stats_rows_kernel(ExpertStatsParams p) {
+  using Reduce = cub::BlockReduce<float, 256>;
+  using ReduceAt = cub::BlockReduce<MaxAt, 256>;
+  using ReduceI = cub::BlockReduce<int64_t, 256>;
+  __shared__ union {
+    typename Reduce::TempStorage f;
+    typename ReduceAt::TempStorage at;
+    typename ReduceI::TempStorage i;
+  } tmp;
+  const int64_t rows = min(max(static_cast<int64_t>(p.offsets[p.E]), int64_t{0}), p.R);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* y = p.y + r * p.H;
+    float ss = 0.f;
+    MaxAt best{-1.f, -1};
+    for (int64_t h = threadIdx.x; h < p.H; h += blockDim.x) {
+      const float v = y[h], a = fabsf(v);
+      ss += v * v;
+      if (a > best.v) best = {a, h};  // per thread: ascending h, so the first maximum
+    }
+    const TA* u = static_cast<const TA*>(p.act) + r * p.I;
+    float imx = 0.f;
+    int64_t nnz = 0;
+    for (int64_t j = threadIdx.x; j < p.I; j += blockDim.x) {
+      const float v = to_f(u[j]);
+      imx = fmaxf(imx, fabsf(v));
+      nnz += v != 0.f;
+    }
+    const float ss_all = Reduce(tmp.f).Sum(ss);
+    __syncthreads();
+    const MaxAt best_all = ReduceAt(tmp.at).Reduce(best, MaxAtOp());
+    __syncthreads();
+    const float imx_all = Reduce(tmp.f).Reduce(imx, [](float a, float b) { return fmaxf(a, b); });
+    __syncthreads();
+    const int64_t nnz_all = ReduceI(tmp.i).Sum(nnz);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      p.slot_norms[p.sorted_slots[r]] = sqrtf(ss_all);
+      p.row_max[r] = best_all.v;
+      p.row_ch[r] = best_all.i;
+      p.row_in_max[r] = imx_all;
+      p.row_nnz[r] = nnz_all;
+    }
+  }
+}
+
+// One thread per expert, its rows in order: the same first-maximum rule as the CPU kernel.
+__global__ void expert_stats_experts_kernel(ExpertStatsParams p) {
+  const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (e >= p.E) return;
+  const int64_t lo = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.R);
+  const int64_t hi = min(max(static_cast<int64_t>(p.offsets[e + 1]), lo), p.R);
+  float mx = p.out_absmax[e], imx = p.in_absmax[e];
+  int64_t ch = p.out_channel[e], act = p.active[e];
+  for (int64_t r = lo; r < hi; ++r) {
+    if (ch < 0 || p.row_max[r] > mx) {
+      mx = p.row_max[r];
+      ch = p.row_ch[r];
+    }
+    imx = fmaxf(imx, p.row_in_max[r]);
+    act += p.row_nnz[r];
+  }
+  p.out_absmax[e] = mx;
+  p.out_channel[e] = ch;
+  p.in_absmax[e] = imx;
+  p.active[e] = act;
+}
+
+void launch_expert_stats(const ExpertStatsParams& p, int num_sms, cudaStream_t stream) {
+  if (p.E < 1) return;
+  if (p.R > 0) {
+    const int blocks = static_cast<int>(std::min<int64_t>(p.R, std::max(1, num_sms) * 8));
+    switch (p.act_dtype) {
+      case DType::F32: expert_stats_rows_kernel<float><<<blocks, 256, 0, stream>>>(p); break;
+      case DType::F16: expert_stats_rows_kernel<__half><<<blocks, 256, 0, stream>>>(p); break;
+      case DType::BF16: expert_stats_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p); break;
+    }
+    check(cudaGetLastError(), "expert statistics (rows) kernel launch");
+  }
+  expert_stats_experts_kernel<<<(p.E + 127) / 128, 128, 0, stream>>>(p);
+  check(cudaGetLastError(), "expert statistics (experts) kernel launch");
 }
 
 }  // namespace moeops::cuda

@@ -56,4 +56,34 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
 void launch_expert_activation(const void* in, DType dtype, int64_t R, int64_t I, bool gated, int activation,
                               const int32_t* offsets, int E, void* out, int num_sms, cudaStream_t stream);
 
+// Statistics of fused_experts_stats (semantics: reference.fused_experts_stats), from the per-row
+// expert outputs y [R, H] fp32 and the down projection's inputs act [R, I] (fp32 or 16-bit) of
+// the rows [0, offsets[E]) (clamped to [0, R]). Per row: the L2 norm of y into
+// slot_norms[sorted_slots[r]], max |y| with its first channel, max |act| and act's non-zeros.
+// Per expert, over its rows in order: out_absmax / out_channel (first row with the maximum,
+// then its first channel), in_absmax, active (sum of non-zeros). The caller initialises the
+// outputs (0, channel -1) and gives row scratch for the per-row values (4 arrays of R).
+struct ExpertStatsParams {
+  const float* y = nullptr;
+  int64_t H = 0;
+  const void* act = nullptr;
+  DType act_dtype = DType::F32;
+  int64_t I = 0;
+  const int32_t* offsets = nullptr;
+  const int32_t* sorted_slots = nullptr;
+  int E = 0;
+  int64_t R = 0;
+  float* slot_norms = nullptr;
+  float* row_max = nullptr;
+  int64_t* row_ch = nullptr;
+  float* row_in_max = nullptr;
+  int64_t* row_nnz = nullptr;
+  float* out_absmax = nullptr;
+  int64_t* out_channel = nullptr;
+  float* in_absmax = nullptr;
+  int64_t* active = nullptr;
+};
+
+void launch_expert_stats(const ExpertStatsParams& p, int num_sms, cudaStream_t stream);
+
 }  // namespace moeops::cuda
