@@ -87,32 +87,194 @@ MOEOPS_AVX2 inline void widen_row_avx2(const W* src, float* dst, int64_t K) {
 }
 #endif
 
-// C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K. The weight panel of 4 (or 8) rows stays in
-// L1 while all M rows stream past it; rows are taken 3 at a time (12 accumulators).
+// ------------------------------------------------------------------ dot form, 512-bit (AVX512 tier)
+#ifdef MOEOPS_HAS_AVX2_PATH
+#define MOEOPS_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// The sums of the 16 lanes of a, b, c and d, as one vector: lanes i and i+8 first, then
+// adjacent pairs twice, then the two 128-bit halves. Every output gets this same tree whether it
+// is reduced with three others or alone (d = c = b = a), so results do not depend on the block.
+MOEOPS_AVX512BF16 inline __m128 hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+  const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+  const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// The two operand kinds of the 512-bit dot kernels. Bf16Ops: bf16 x bf16, 32 per step,
+// vdpbf16ps (lane i adds the products of the pair k = 2i, 2i+1). F32Ops<W>: fp32 activations
+// times fp32/fp16/bf16 weights widened in registers, 16 per step, FMA. Tails are masked loads
+// (nothing read past the row).
+struct Bf16Ops {
+  using TA = c10::BFloat16;
+  using TB = c10::BFloat16;
+  using V = __m512i;
+  static constexpr int kStep = 32;
+  MOEOPS_AVX512BF16 static V load_a(const TA* p) { return _mm512_loadu_si512(p); }
+  MOEOPS_AVX512BF16 static V load_b(const TB* p) { return _mm512_loadu_si512(p); }
+  MOEOPS_AVX512BF16 static V load_a_tail(const TA* p, int64_t n) {
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << n) - 1), p);
+  }
+  MOEOPS_AVX512BF16 static V load_b_tail(const TB* p, int64_t n) { return load_a_tail(p, n); }
+  MOEOPS_AVX512BF16 static __m512 madd(__m512 acc, V a, V b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+template <class W>
+struct F32Ops {
+  using TA = float;
+  using TB = W;
+  using V = __m512;
+  static constexpr int kStep = 16;
+  MOEOPS_AVX512BF16 static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  MOEOPS_AVX512BF16 static V load_a(const float* p) { return _mm512_loadu_ps(p); }
+  MOEOPS_AVX512BF16 static V load_a_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  MOEOPS_AVX512BF16 static V load_b(const W* p) {
+    if constexpr (std::is_same_v<W, float>) return _mm512_loadu_ps(p);
+    else if constexpr (std::is_same_v<W, c10::Half>)
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    else return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  MOEOPS_AVX512BF16 static V load_b_tail(const W* p, int64_t n) {
+    if constexpr (std::is_same_v<W, float>) return _mm512_maskz_loadu_ps(mask(n), p);
+    else if constexpr (std::is_same_v<W, c10::Half>) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p));
+    else return widen(_mm256_maskz_loadu_epi16(mask(n), p));
+  }
+  MOEOPS_AVX512BF16 static V widen(__m256i bf16) {  // bf16 -> fp32: a 16-bit shift
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+  }
+  MOEOPS_AVX512BF16 static __m512 madd(__m512 acc, V a, V b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+// MR x NR accumulators of 16 fp32 lanes over K, a masked step for the tail, one horizontal sum
+// tree per output: each output's arithmetic is the same whatever block it falls in, so results
+// do not depend on how many rows an expert has. `prefetch`: the next weight panel (NR rows,
+// stride ldb), pulled into L2 during this block's k-loop so that its memory reads overlap this
+// panel's arithmetic; null for none.
+template <int MR, int NR, class Ops>
+MOEOPS_AVX512BF16 inline void dot_block_512(const typename Ops::TA* A, int64_t lda, const typename Ops::TB* B,
+                                            int64_t ldb, int64_t K, float* C, int64_t ldc, bool accumulate,
+                                            const typename Ops::TB* prefetch = nullptr) {
+  using TB = typename Ops::TB;
+  constexpr int S = Ops::kStep;
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + S <= K; k += S) {
+    if (prefetch && (k * static_cast<int64_t>(sizeof(TB))) % 64 == 0)  // one prefetch per line
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
+    typename Ops::V a[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) a[m] = Ops::load_a(A + m * lda + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const typename Ops::V b = Ops::load_b(B + n * ldb + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = Ops::madd(acc[m][n], a[m], b);
+    }
+  }
+  if (k < K) {
+    typename Ops::V a[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) a[m] = Ops::load_a_tail(A + m * lda + k, K - k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const typename Ops::V b = Ops::load_b_tail(B + n * ldb + k, K - k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = Ops::madd(acc[m][n], a[m], b);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float* c = C + m * ldc;
+    if constexpr (NR % 4 == 0) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; n += 4) {
+        __m128 s = hsum16x4(acc[m][n], acc[m][n + 1], acc[m][n + 2], acc[m][n + 3]);
+        if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(c + n));
+        _mm_storeu_ps(c + n, s);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) {
+        const float s = _mm_cvtss_f32(hsum16x4(acc[m][n], acc[m][n], acc[m][n], acc[m][n]));
+        c[n] = accumulate ? c[n] + s : s;
+      }
+    }
+  }
+}
+
+// C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T with dot_block_512: a 4-row weight panel stays in L1
+// while the rows stream past it 6 at a time (24 accumulators) and the first row block prefetches
+// the next panel; decode (M == 1) streams 8 weight rows at a time.
+template <class Ops>
+void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename Ops::TB* B, int64_t ldb, int64_t N,
+             int64_t K, float* C, int64_t ldc, bool accumulate) {
+  using TB = typename Ops::TB;
+  if (M == 1) {
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8)
+      dot_block_512<1, 8, Ops>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate,
+                               N - n >= 16 ? B + (n + 8) * ldb : nullptr);
+    for (; n < N; ++n) dot_block_512<1, 1, Ops>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+    return;
+  }
+  for (int64_t n = 0; n < N; n += 4) {
+    const TB* Bn = B + n * ldb;
+    float* Cn = C + n;
+    if (N - n >= 4) {
+      const TB* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6)
+        dot_block_512<6, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
+      const TB* pf = m == 0 ? next : nullptr;
+      switch (M - m) {
+        case 5:
+          dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf);
+          dot_block_512<2, 4, Ops>(A + (m + 3) * lda, lda, Bn, ldb, K, Cn + (m + 3) * ldc, ldc, accumulate);
+          break;
+        case 4: dot_block_512<4, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 3: dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 2: dot_block_512<2, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 1: dot_block_512<1, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        default: break;
+      }
+    } else {
+      for (int64_t j = 0; j < N - n; ++j) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          dot_block_512<4, 1, Ops>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
+        for (; m < M; ++m)
+          dot_block_512<1, 1, Ops>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
+      }
+    }
+  }
+}
+
+#endif
+
+// C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K (fp32 activations). AVX512 tier: dot_512 with
+// 512-bit FMAs. AVX2 tier: the weight panel of 4 (or 8) rows stays in L1 while all M rows
+// stream past it; rows are taken 3 at a time (12 accumulators).
 // K is not blocked: measured on this CPU, the 3x4 block reaches ~89 GFLOP/s per core over
 // K=2048 and only 54 (K=256) / 82 (K=512) when K is cut, because every block ends with 12
 // horizontal sums.
-#ifdef MOEOPS_HAS_AVX2_PATH
-template <class W>  // below: the AVX512 tier's version
-void gemm_dot_avx512(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
-                     float* C, int64_t ldc, bool accumulate);
-#endif
-
 template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
               float* C, int64_t ldc, bool accumulate = false) {
 #ifdef MOEOPS_HAS_AVX2_PATH
-  if (use_avx512bf16()) {
-    gemm_dot_avx512(A, lda, M, B, ldb, N, K, C, ldc, accumulate);
-    return;
-  }
   if (use_avx2()) {
-    if (M == 1) {  // decode: stream weights, 8 rows in flight
-      int64_t n = 0;
-      for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
-      for (; n < N; ++n) dot_block_avx2<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
-      return;
-    }
     // Narrow weights with enough rows to reuse them: widen each 4-row panel to fp32 once
     // (L1-sized scratch), so the inner loop is pure fp32 FMAs (widening bf16 in the inner loop
     // costs 2 extra vector ops per load and halves the FMA rate on this CPU).
@@ -127,6 +289,16 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
         }
         return;
       }
+    }
+    if (use_avx512bf16()) {  // 512-bit FMAs (dot_512)
+      dot_512<F32Ops<W>>(A, lda, M, B, ldb, N, K, C, ldc, accumulate);
+      return;
+    }
+    if (M == 1) {  // decode: stream weights, 8 rows in flight
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+      for (; n < N; ++n) dot_block_avx2<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+      return;
     }
     for (int64_t n = 0; n < N; n += 4) {
       const W* Bn = B + n * ldb;
@@ -170,223 +342,6 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
   }
 }
 
-// ------------------------------------------------------------------ dot form, bf16 x bf16
-#ifdef MOEOPS_HAS_AVX2_PATH
-#define MOEOPS_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
-
-// The sums of the 16 lanes of a, b, c and d, as one vector: lanes i and i+8 first, then
-// adjacent pairs twice, then the two 128-bit halves. Every output gets this same tree whether it
-// is reduced with three others or alone (d = c = b = a), so results do not depend on the block.
-MOEOPS_AVX512BF16 inline __m128 hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
-  const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
-  const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-// MR x NR accumulators of 16 fp32 lanes; K in steps of 32 bf16 (vdpbf16ps: lane i adds the
-// products of the pair k = 2i, 2i+1), a masked step for the tail, one horizontal sum per output.
-// Each output's arithmetic is the same whatever block it falls in, so results do not depend on
-// how many rows an expert has.
-// `prefetch`: the next weight panel (NR rows, stride ldb), pulled into L2 alongside this block's
-// k-loop so that its DRAM reads overlap this panel's arithmetic; null for none.
-template <int MR, int NR>
-MOEOPS_AVX512BF16 inline void dot_block_bf16(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
-                                             int64_t ldb, int64_t K, float* C, int64_t ldc, bool accumulate,
-                                             const c10::BFloat16* prefetch = nullptr) {
-  __m512 acc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    if (prefetch)
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
-    __m512i a[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) a[m] = _mm512_loadu_si512(A + m * lda + k);
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
-      const __m512i b = _mm512_loadu_si512(B + n * ldb + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)a[m], (__m512bh)b);
-    }
-  }
-  if (k < K) {  // 1..31 left: masked loads read nothing past the row
-    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
-    __m512i a[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) a[m] = _mm512_maskz_loadu_epi16(mask, A + m * lda + k);
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
-      const __m512i b = _mm512_maskz_loadu_epi16(mask, B + n * ldb + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)a[m], (__m512bh)b);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    float* c = C + m * ldc;
-    if constexpr (NR % 4 == 0) {
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; n += 4) {
-        __m128 s = hsum16x4(acc[m][n], acc[m][n + 1], acc[m][n + 2], acc[m][n + 3]);
-        if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(c + n));
-        _mm_storeu_ps(c + n, s);
-      }
-    } else {
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) {
-        const float s = _mm_cvtss_f32(hsum16x4(acc[m][n], acc[m][n], acc[m][n], acc[m][n]));
-        c[n] = accumulate ? c[n] + s : s;
-      }
-    }
-  }
-}
-#endif
-
-#ifdef MOEOPS_HAS_AVX2_PATH
-// fp32 dot products with 512-bit FMAs (the AVX512 tier's gemm_dot): A fp32, B fp32/fp16/bf16
-// widened in registers. Same block structure, tail handling and horizontal-sum tree as
-// dot_block_bf16, so each output's arithmetic is independent of its block.
-MOEOPS_AVX512BF16 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MOEOPS_AVX512BF16 inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-MOEOPS_AVX512BF16 inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-MOEOPS_AVX512BF16 inline __m512 load16_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-MOEOPS_AVX512BF16 inline __m512 load16_tail(const c10::BFloat16* p, __mmask16 m) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-MOEOPS_AVX512BF16 inline __m512 load16_tail(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-template <int MR, int NR, class W>
-MOEOPS_AVX512BF16 inline void dot_block_f32x16(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K,
-                                               float* C, int64_t ldc, bool accumulate,
-                                               const W* prefetch = nullptr) {
-  __m512 acc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    if (prefetch && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
-    __m512 a[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) a[m] = _mm512_loadu_ps(A + m * lda + k);
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
-      const __m512 b = load16(B + n * ldb + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(a[m], b, acc[m][n]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 a[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) a[m] = _mm512_maskz_loadu_ps(mask, A + m * lda + k);
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
-      const __m512 b = load16_tail(B + n * ldb + k, mask);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(a[m], b, acc[m][n]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    float* c = C + m * ldc;
-    if constexpr (NR % 4 == 0) {
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; n += 4) {
-        __m128 s = hsum16x4(acc[m][n], acc[m][n + 1], acc[m][n + 2], acc[m][n + 3]);
-        if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(c + n));
-        _mm_storeu_ps(c + n, s);
-      }
-    } else {
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) {
-        const float s = _mm_cvtss_f32(hsum16x4(acc[m][n], acc[m][n], acc[m][n], acc[m][n]));
-        c[n] = accumulate ? c[n] + s : s;
-      }
-    }
-  }
-}
-
-// gemm_dot on the AVX512 tier: 6 x 4 blocks of 512-bit FMAs (the layout of gemm_dot_bf16).
-template <class W>
-void gemm_dot_avx512(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
-                     float* C, int64_t ldc, bool accumulate) {
-  if (M == 1) {
-    int64_t n = 0;
-    for (; n + 8 <= N; n += 8)
-      dot_block_f32x16<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate,
-                             N - n >= 16 ? B + (n + 8) * ldb : nullptr);
-    for (; n < N; ++n) dot_block_f32x16<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
-    return;
-  }
-  if constexpr (!std::is_same_v<W, float>) {
-    if (M >= 3) {  // widen each 4-row panel once (see gemm_dot)
-      thread_local std::vector<float> panel;
-      panel.resize(4 * K);
-      for (int64_t n = 0; n < N; n += 4) {
-        const int64_t nr = std::min<int64_t>(4, N - n);
-        for (int64_t j = 0; j < nr; ++j) widen_row_avx2(B + (n + j) * ldb, panel.data() + j * K, K);
-        gemm_dot_avx512<float>(A, lda, M, panel.data(), K, nr, K, C + n, ldc, accumulate);
-      }
-      return;
-    }
-  }
-  for (int64_t n = 0; n < N; n += 4) {
-    const W* Bn = B + n * ldb;
-    float* Cn = C + n;
-    if (N - n >= 4) {
-      const W* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6)
-        dot_block_f32x16<6, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
-      const W* pf = m == 0 ? next : nullptr;
-      switch (M - m) {
-        case 5:
-          dot_block_f32x16<3, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf);
-          dot_block_f32x16<2, 4>(A + (m + 3) * lda, lda, Bn, ldb, K, Cn + (m + 3) * ldc, ldc, accumulate);
-          break;
-        case 4: dot_block_f32x16<4, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 3: dot_block_f32x16<3, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 2: dot_block_f32x16<2, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 1: dot_block_f32x16<1, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        default: break;
-      }
-    } else {
-      for (int64_t j = 0; j < N - n; ++j) {
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-          dot_block_f32x16<4, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
-        for (; m < M; ++m)
-          dot_block_f32x16<1, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
-      }
-    }
-  }
-}
-#endif
-
 // K per pass of gemm_dot_bf16: up to 96 rows x 2048 bf16 (384 KiB) of A stay in L2 while every
 // weight panel of the item passes. Longer K (Mixtral's 4096 / 14336) is cut into such passes that
 // accumulate into C, so an expert's weights are read from memory once per item, not once per
@@ -401,48 +356,11 @@ constexpr int64_t kBf16KChunk = 2048;
 inline void gemm_dot_bf16(const c10::BFloat16* A, int64_t lda, int64_t M, const c10::BFloat16* B, int64_t ldb,
                           int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate = false) {
 #ifdef MOEOPS_HAS_AVX2_PATH
-  if (K > kBf16KChunk) {
-    for (int64_t k0 = 0; k0 < K; k0 += kBf16KChunk)
-      gemm_dot_bf16(A + k0, lda, M, B + k0, ldb, N, std::min(kBf16KChunk, K - k0), C, ldc, accumulate || k0 > 0);
-    return;
-  }
-  if (M == 1) {
-    int64_t n = 0;
-    for (; n + 8 <= N; n += 8)
-      dot_block_bf16<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate, N - n >= 16 ? B + (n + 8) * ldb : nullptr);
-    for (; n < N; ++n) dot_block_bf16<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
-    return;
-  }
-  for (int64_t n = 0; n < N; n += 4) {
-    const c10::BFloat16* Bn = B + n * ldb;
-    float* Cn = C + n;
-    if (N - n >= 4) {
-      // the first row block also prefetches the next panel
-      const c10::BFloat16* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6) {
-        dot_block_bf16<6, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
-      }
-      if (M - m >= 4) {
-        dot_block_bf16<4, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
-        m += 4;
-      }
-      const c10::BFloat16* pf = m == 0 ? next : nullptr;
-      switch (M - m) {
-        case 3: dot_block_bf16<3, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 2: dot_block_bf16<2, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 1: dot_block_bf16<1, 4>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        default: break;
-      }
-    } else {
-      for (int64_t j = 0; j < N - n; ++j) {
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-          dot_block_bf16<4, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
-        for (; m < M; ++m) dot_block_bf16<1, 1>(A + m * lda, lda, Bn + j * ldb, ldb, K, Cn + m * ldc + j, ldc, accumulate);
-      }
-    }
-  }
+  int64_t k0 = 0;
+  do {  // at least one pass: K = 0 writes zeros (or leaves C when accumulating)
+    dot_512<Bf16Ops>(A + k0, lda, M, B + k0, ldb, N, std::min(kBf16KChunk, K - k0), C, ldc, accumulate || k0 > 0);
+    k0 += kBf16KChunk;
+  } while (k0 < K);
 #else
   (void)A, (void)lda, (void)M, (void)B, (void)ldb, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate;
   throw std::logic_error("moeops: gemm_dot_bf16 needs an x86-64 build");
