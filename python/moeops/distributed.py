@@ -499,19 +499,10 @@ def _ep_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
                         top_k_weights: torch.Tensor) -> torch.Tensor:
     """A sharded transformers experts module's forward: same contract as
     :func:`moeops.integrations.hf.experts_forward`, experts on their owning ranks."""
-    from moeops.integrations.hf import _activation_of, _unsupported
+    from moeops.integrations.hf import _activation_of, _experts_operands
 
-    if getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True):
-        raise _unsupported("transposed or interleaved expert weights are not supported yet")
     placement, group, combine_dtype = self._moeops_ep_shard
-    ids = top_k_index.to(torch.int32)
-    ids = torch.where((ids >= 0) & (ids < placement.num_experts), ids, -1)
-    gated = getattr(self, "has_gate", True)
-    w_up = self.gate_up_proj if gated else self.up_proj
-    b_up = b_down = None
-    if getattr(self, "has_bias", False):
-        b_up = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias")
-        b_down = self.down_proj_bias
+    ids, gated, w_up, b_up, b_down = _experts_operands(self, top_k_index, placement.num_experts)
     timings = getattr(self, "_moeops_timings", None)
     return ep_fused_experts(hidden_states, ids, top_k_weights.float(), w_up, self.down_proj,
                             placement, group, b_up, b_down, activation=_activation_of(self),

@@ -54,6 +54,23 @@ def _activation_of(module) -> str:
 
 # ----------------------------------------------------------------------------- experts
 
+def _experts_operands(experts, top_k_index: torch.Tensor, num_experts: int):
+    """What moeops needs from a transformers experts module: int32 ids (outside
+    ``[0, num_experts)`` -> -1, as HF's own padding id), ``gated``, the up weight and the
+    biases (None without). Raises for layouts moeops does not take."""
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+        raise _unsupported("transposed or interleaved expert weights are not supported yet")
+    ids = top_k_index.to(torch.int32)
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, -1)
+    gated = getattr(experts, "has_gate", True)
+    w_up = experts.gate_up_proj if gated else experts.up_proj
+    b_up = b_down = None
+    if getattr(experts, "has_bias", False):
+        b_up = getattr(experts, "gate_up_proj_bias" if gated else "up_proj_bias")
+        b_down = experts.down_proj_bias
+    return ids, gated, w_up, b_up, b_down
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """``ALL_EXPERTS_FUNCTIONS["moeops"]``: the experts module's forward on moeops' fused op.
@@ -62,17 +79,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     [T, K]`` (ids outside ``[0, E)`` are empty slots, as HF's own ``num_experts`` padding id),
     ``top_k_weights [T, K]`` -> ``[T, H]`` in ``hidden_states.dtype``. Differentiable.
     """
-    if getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True):
-        raise _unsupported("transposed or interleaved expert weights are not supported yet")
-    E = self.down_proj.shape[0]
-    ids = top_k_index.to(torch.int32)
-    ids = torch.where((ids >= 0) & (ids < E), ids, -1)
-    gated = getattr(self, "has_gate", True)
-    w_up = self.gate_up_proj if gated else self.up_proj
-    b_up = b_down = None
-    if getattr(self, "has_bias", False):
-        b_up = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias")
-        b_down = self.down_proj_bias
+    ids, gated, w_up, b_up, b_down = _experts_operands(self, top_k_index, self.down_proj.shape[0])
     iv = getattr(self, "_moeops_iv", None)  # moeops.interventions: None unless switched on
     if iv is not None:
         return iv.run_experts(self, hidden_states, ids, top_k_weights.float(), w_up,
