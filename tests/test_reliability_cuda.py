@@ -328,3 +328,57 @@ def test_cuda_memory_flat_over_10k_layer_calls():
     after = torch.cuda.memory_allocated()
     print(f"CUDA memory allocated {before} -> {after} bytes over 10k calls")
     assert after == before, (before, after)
+
+
+@pytest.mark.parametrize("path", ["mma", "sm90"])
+def test_cuda_degenerate_shapes_match_the_cpu(path):
+    """Shapes at the edge of every kernel's preconditions give the CPU's result: no experts at
+    all (E = 0, every slot empty, with and without a gain), a zero-width expert MLP (I = 0, only
+    the down bias remains) at a prefill size that would pick the CUTLASS path, and a K = 0 view
+    whose row stride passes the tensor cores' alignment test."""
+    T, K, H, I = 512, 2, 64, 16
+    g = tp._gen(7)
+    h = tp._randn((T, H), torch.bfloat16, g)
+    w = torch.rand(T, K, generator=g)
+    shared = tp._randn((T, H), torch.bfloat16, g)
+    cases = []
+    ids0 = torch.full((T, K), -1, dtype=torch.int32)
+    up0, down0 = torch.zeros(0, 2 * I, H, dtype=torch.bfloat16), torch.zeros(0, H, I, dtype=torch.bfloat16)
+    cases.append(((h, ids0, w, up0, down0), dict()))
+    cases.append(((h, ids0, w, up0, down0), dict(gain=torch.zeros(0), shared_out=shared)))
+    E = 4
+    ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    upz, downz = torch.zeros(E, 0, H, dtype=torch.bfloat16), torch.zeros(E, H, 0, dtype=torch.bfloat16)
+    cases.append(((h, ids, w, upz, downz), dict(b_down=torch.randn(E, H, generator=g))))
+    moeops._C.set_cuda_gemm_path(path)
+    try:
+        for args, kw in cases:
+            want = _ops.fused_experts(*args, **kw)
+            got = _ops.fused_experts(*(a.cuda() for a in args), **{k: v.cuda() for k, v in kw.items()})
+            torch.testing.assert_close(got.cpu().float(), want.float(), **CUDA_MM_TOL[torch.bfloat16])
+        x = torch.randn(40, 8, device="cuda").to(torch.bfloat16)[:, :0]  # K = 0, row stride 8
+        offsets = torch.tensor([0, 10, 10, 40], dtype=torch.int32, device="cuda")
+        out = _ops.grouped_gemm(x, torch.zeros(3, 24, 0, dtype=torch.bfloat16, device="cuda"), offsets, False)
+        torch.cuda.synchronize()
+        assert out.shape == (40, 24) and bool((out == 0).all())
+    finally:
+        moeops._C.set_cuda_gemm_path("auto")
+
+
+def test_moex_experts_cuda_long_prompt_runs_in_chunks():
+    """moex_experts on CUDA bounds its fp32 scratch (512 MiB) by running token chunks: a prompt
+    of two chunks gives the CPU kernel's result for every token, active counts included."""
+    T, K, M, D, d = 4100, 4, 4, 8192, 64  # 4 * (8192 + 64) * 4 bytes a token: chunks of 4066
+    g = tp._gen(3)
+    hidden = torch.randn(T, d, generator=g)
+    w_enc = torch.randn(M, D, d, generator=g) * d ** -0.5
+    b_enc = torch.randn(M, D, generator=g) * 0.5 - 0.5
+    w_dec = torch.randn(M, D, d, generator=g) * D ** -0.5
+    ids = torch.stack([torch.randperm(M, generator=g) for _ in range(T)]).int()
+    ids[:, -1] = -1  # one empty slot per token
+    w = torch.rand(T, K, generator=g)
+    args = (ids, w, w_enc, b_enc, w_dec, None, "sparse", True)
+    want, want_active = _ops.moex_experts(hidden, *args)
+    got, active = _ops.moex_experts(hidden.cuda(), *(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(active.cpu(), want_active)

@@ -162,7 +162,7 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
   auto f32 = hidden.options().dtype(at::kFloat);
 
   Tensor out32 = at::zeros({T, H}, f32);
-  if (T > 0 && H > 0 && K > 0) {
+  if (T > 0 && H > 0 && K > 0 && E > 0) {  // E == 0: every slot is empty (as on the CPU)
     // 1. slots of gain-0 experts (and ids outside [0, E)) become empty; weights carry the gain
     Tensor ids = ids_in.contiguous();
     Tensor weights = weights_in.contiguous();

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "common/launch_types.h"
+#include "common/cuda_common.cuh"
 #include "experts/cuda/experts_launch.h"
 
 namespace moeops::cuda {
@@ -39,18 +40,6 @@ constexpr int kTileRows = 64;  // rows per tile in both tiled kernels (the sched
 constexpr int kDecodeRows = 8;  // rows per pass of the decode kernel
 constexpr int kDecodeColsPerBlock = 32;  // 8 warps x 4 columns
 constexpr int64_t kMaxGridY = 65535;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("moeops: ") + what + " failed: " + cudaGetErrorString(err));
-}
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ float activate(int act, float x) {
   switch (act) {
@@ -71,7 +60,7 @@ __device__ __forceinline__ void expert_rows(const GroupedGemmParams& p, int e, i
 
 // The value written for output column c (see Epilogue); g = acc of weight row c, u = acc of row
 // gated_half + c (GatedAct only).
-__device__ __noinline__ float epilogue_value(const GroupedGemmParams& p, int e, int64_t c, float g, float u) {
+__device__ __forceinline__ float epilogue_value(const GroupedGemmParams& p, int e, int64_t c, float g, float u) {
   const float* b = p.bias ? p.bias + static_cast<int64_t>(e) * p.N_w : nullptr;
   switch (p.epilogue) {
     case Epilogue::Store: return g + (b ? b[c] : 0.f);
@@ -84,7 +73,7 @@ __device__ __noinline__ float epilogue_value(const GroupedGemmParams& p, int e, 
 
 template <class TO>
 __device__ __forceinline__ void store_out(const GroupedGemmParams& p, int64_t row, int64_t c, float v) {
-  static_cast<TO*>(p.out)[row * p.N_out + c] = from_f<TO>(v);
+  static_cast<TO*>(p.out)[row * p.N_out + c] = from_float<TO>(v);
 }
 
 // ---------------------------------------------------------------- tile schedule
@@ -286,7 +275,7 @@ constexpr int kSimtBN = 64, kSimtBK = 16;
 
 template <class TW>
 __device__ __forceinline__ float weight_at(const GroupedGemmParams& p, const TW* We, int64_t n, int64_t k) {
-  return to_f(p.w_transposed ? We[k * p.N_w + n] : We[n * p.K + k]);
+  return to_float(p.w_transposed ? We[k * p.N_w + n] : We[n * p.K + k]);
 }
 
 // 256 threads, 64 rows x 64 output columns, 4 x 4 per thread; GatedAct keeps a second
@@ -313,7 +302,7 @@ __global__ void __launch_bounds__(256) grouped_gemm_simt_kernel(GroupedGemmParam
       for (int i = 0; i < 4; ++i) {
         const int idx = threadIdx.x + i * 256, r = idx >> 4, kk = idx & 15;
         const int64_t row = row0 + r, k = k0 + kk;
-        As[kk][r] = (row < hi && k < p.K) ? to_f(A[row * p.lda + k]) : 0.f;
+        As[kk][r] = (row < hi && k < p.K) ? to_float(A[row * p.lda + k]) : 0.f;
         const int64_t c = static_cast<int64_t>(blockIdx.x) * kSimtBN + r;
         const bool ok = c < p.N_out && k < p.K;
         Bg[kk][r] = ok ? weight_at(p, We, c, k) : 0.f;
@@ -356,21 +345,15 @@ __global__ void __launch_bounds__(256) grouped_gemm_simt_kernel(GroupedGemmParam
 template <class T, int V>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&f)[V]) {
   if constexpr (V == 1) {
-    f[0] = to_f(ptr[0]);
+    f[0] = to_float(ptr[0]);
   } else {
     struct alignas(sizeof(T) * V) Pack {
       T v[V];
     };
     const Pack pk = *reinterpret_cast<const Pack*>(ptr);
 #pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = to_f(pk.v[i]);
+    for (int i = 0; i < V; ++i) f[i] = to_float(pk.v[i]);
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // grid (column blocks, E): a warp owns output column c of expert blockIdx.y and reads its weight
@@ -445,15 +428,13 @@ void dispatch_types(const GroupedGemmParams& p, F&& f) {
 
 int elem_bytes(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 }  // namespace
 
 size_t grouped_gemm_workspace_bytes(int E) { return sizeof(int32_t) * (static_cast<size_t>(E) + 1); }
 
 bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major) {
   return device_major >= 8 && p.a_dtype == p.w_dtype && p.a_dtype != DType::F32 && !p.w_transposed &&
-         p.K % 8 == 0 && p.lda % 8 == 0 && aligned16(p.a) && aligned16(p.w);
+         p.K > 0 && p.K % 8 == 0 && p.lda % 8 == 0 && aligned16(p.a) && aligned16(p.w);
 }
 
 void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major, void* workspace,
@@ -480,13 +461,13 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
       }
       grouped_gemm_decode_kernel<TA, TW, TO, 1><<<grid, 256, 0, stream>>>(p);
     });
-    check(cudaGetLastError(), "grouped_gemm decode kernel launch");
+    check_cuda(cudaGetLastError(), "grouped_gemm decode kernel launch");
     return;
   }
 
   int32_t* tile_start = static_cast<int32_t*>(workspace);
   tile_start_kernel<<<1, 1024, 0, stream>>>(p, tile_start);
-  check(cudaGetLastError(), "grouped_gemm tile schedule launch");
+  check_cuda(cudaGetLastError(), "grouped_gemm tile schedule launch");
   const int64_t tiles_bound = (p.R + kTileRows - 1) / kTileRows + p.E;
   const unsigned gy = static_cast<unsigned>(std::min<int64_t>(tiles_bound, kMaxGridY));
   const bool gated = p.epilogue == Epilogue::GatedAct;
@@ -502,7 +483,7 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
     const dim3 grid(static_cast<unsigned>((p.N_out + kSimtBN - 1) / kSimtBN), gy);
     grouped_gemm_simt_kernel<TA, TW, TO><<<grid, 256, 0, stream>>>(p, tile_start);
   });
-  check(cudaGetLastError(), "grouped_gemm kernel launch");
+  check_cuda(cudaGetLastError(), "grouped_gemm kernel launch");
 }
 
 // ---------------------------------------------------------------- separate activation
@@ -520,7 +501,7 @@ __global__ void expert_activation_kernel(const T* in, int64_t R, int64_t I, bool
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = r0 + i / vecs_per_row, c = (i % vecs_per_row) * kVec;
     const T* src = in + r * in_cols + c;
-    T g[kVec], u[kVec], o[kVec];
+    alignas(16) T g[kVec], u[kVec], o[kVec];  // reinterpreted as uint4 below
     if constexpr (kVec * sizeof(T) == 16) {
       *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(src);
       if (gated) *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(src + I);
@@ -533,8 +514,8 @@ __global__ void expert_activation_kernel(const T* in, int64_t R, int64_t I, bool
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float v = activate(act, to_f(g[j]));
-      o[j] = from_f<T>(gated ? v * to_f(u[j]) : v);
+      const float v = activate(act, to_float(g[j]));
+      o[j] = from_float<T>(gated ? v * to_float(u[j]) : v);
     }
     T* dst = out + r * I + c;
     if constexpr (kVec * sizeof(T) == 16) {
@@ -562,7 +543,7 @@ void launch_expert_activation(const void* in, DType dtype, int64_t R, int64_t I,
   if (dtype == DType::BF16) go.template operator()<__nv_bfloat16>();
   else if (dtype == DType::F16) go.template operator()<__half>();
   else throw std::invalid_argument("moeops::cuda::launch_expert_activation: 16-bit dtypes only");
-  check(cudaGetLastError(), "expert activation kernel launch");
+  check_cuda(cudaGetLastError(), "expert activation kernel launch");
 }
 
 // ---------------------------------------------------------------- fused_experts_stats
@@ -603,7 +584,7 @@ __global__ void __launch_bounds__(256) expert_stats_rows_kernel(ExpertStatsParam
     float imx = 0.f;
     int64_t nnz = 0;
     for (int64_t j = threadIdx.x; j < p.I; j += blockDim.x) {
-      const float v = to_f(u[j]);
+      const float v = to_float(u[j]);
       imx = fmaxf(imx, fabsf(v));
       nnz += v != 0.f;
     }
@@ -656,10 +637,10 @@ void launch_expert_stats(const ExpertStatsParams& p, int num_sms, cudaStream_t s
       case DType::F16: expert_stats_rows_kernel<__half><<<blocks, 256, 0, stream>>>(p); break;
       case DType::BF16: expert_stats_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p); break;
     }
-    check(cudaGetLastError(), "expert statistics (rows) kernel launch");
+    check_cuda(cudaGetLastError(), "expert statistics (rows) kernel launch");
   }
   expert_stats_experts_kernel<<<(p.E + 127) / 128, 128, 0, stream>>>(p);
-  check(cudaGetLastError(), "expert statistics (experts) kernel launch");
+  check_cuda(cudaGetLastError(), "expert statistics (experts) kernel launch");
 }
 
 }  // namespace moeops::cuda

@@ -31,6 +31,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/kernel_hardware_info.h>
 
+#include "common/cuda_common.cuh"
 #include "experts/cuda/experts_sm90.h"
 
 namespace moeops::cuda {
@@ -66,10 +67,6 @@ struct Sm90Gemm {
   using StrideD = typename Kernel::InternalStrideD;
   using Problem = typename ProblemShape::UnderlyingProblemShape;
 };
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("moeops: ") + what + " failed: " + cudaGetErrorString(err));
-}
 
 void check(cutlass::Status st, const char* what) {
   if (st != cutlass::Status::kSuccess)
@@ -146,6 +143,9 @@ cutlass::KernelHardwareInfo hw_info(int device) {
   std::lock_guard<std::mutex> lock(mu);
   if (!have[device]) {
     cache[device] = cutlass::KernelHardwareInfo::make_kernel_hardware_info<typename G::Kernel>(device);
+    // CUTLASS's cluster-occupancy query reports a failure only by returning 0 clusters and leaves
+    // the CUDA error pending, where the next launch check would blame it on the setup kernel.
+    (void)cudaGetLastError();
     have[device] = true;
   }
   return cache[device];
@@ -179,13 +179,13 @@ void run(const GroupedGemmParams& p, int device, void* workspace, cudaStream_t s
   setup_kernel<G, TIn, TOut><<<(p.E + 127) / 128, 128, 0, stream>>>(
       p.offsets, p.E, p.R, static_cast<int>(p.N_w), static_cast<int>(p.K), p.lda, static_cast<const TIn*>(p.a),
       static_cast<const TIn*>(p.w), static_cast<TOut*>(p.out), arr);
-  check(cudaGetLastError(), "sm90 grouped GEMM setup launch");
+  check_cuda(cudaGetLastError(), "sm90 grouped GEMM setup launch");
   typename G::Gemm gemm;
   const auto args = make_args<G>(arr, p.E, device);
   check(gemm.can_implement(args), "grouped GEMM can_implement");
   check(gemm.initialize(args, arr.cutlass_ws, stream), "grouped GEMM initialize");
   check(gemm.run(stream), "grouped GEMM run");
-  check(cudaGetLastError(), "sm90 grouped GEMM launch");
+  check_cuda(cudaGetLastError(), "sm90 grouped GEMM launch");
 }
 
 // Calls f.template operator()<TIn, TOut>() for the supported dtype pair.
@@ -198,8 +198,6 @@ void dispatch(DType in, DType out, F&& f) {
   throw std::invalid_argument("moeops: sm90 grouped GEMM: unsupported dtype combination");
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 }  // namespace
 
 bool sm90_grouped_gemm_built() { return true; }
@@ -207,7 +205,7 @@ bool sm90_grouped_gemm_built() { return true; }
 bool sm90_grouped_gemm_supported(const GroupedGemmParams& p, int device_major) {
   const bool in16 = p.a_dtype == DType::BF16 || p.a_dtype == DType::F16;
   return device_major == 9 && in16 && p.w_dtype == p.a_dtype && (p.out_dtype == p.a_dtype || p.out_dtype == DType::F32) &&
-         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.E >= 1 && p.K > 0 &&
+         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.E >= 1 && p.K > 0 && p.N_w > 0 &&
          p.K % 8 == 0 && p.N_w % 8 == 0 && p.N_out == p.N_w && p.lda % 8 == 0 && p.lda >= p.K && p.K <= INT_MAX &&
          p.N_w <= INT_MAX && p.R <= INT_MAX && aligned16(p.a) && aligned16(p.w) && aligned16(p.out);
 }
@@ -221,7 +219,7 @@ size_t sm90_grouped_gemm_workspace_bytes(const GroupedGemmParams& p, int device)
 void launch_sm90_grouped_gemm(const GroupedGemmParams& p, int device, void* workspace, size_t workspace_bytes,
                               cudaStream_t stream) {
   int major = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
   if (!sm90_grouped_gemm_supported(p, major))
     throw std::invalid_argument("moeops: sm90 grouped GEMM does not take this problem");
   if (p.R <= 0) return;

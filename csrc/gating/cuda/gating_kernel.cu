@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_common.cuh"
 #include "common/launch_types.h"
 #include "gating/cuda/gating_launch.h"
 
@@ -75,16 +76,6 @@ SmemLayout make_layout(int E, int n_group) {
   off += align16(n_group > 1 ? n_group : 0);
   L.warp_bytes = off;
   return L;
-}
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;  // butterfly: every lane ends with the same bits (fp add is commutative)
 }
 
 __device__ __forceinline__ float warp_max(float v) {  // inputs never NaN

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+
 #include "moex/cuda/moex_launch.h"
 #include "moex/moex_prepare.h"
 #include "ops.h"
@@ -43,14 +45,16 @@ std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
   Tensor out = at::empty({dm.T, dm.d}, hidden.options());
   auto f32 = hidden.options().dtype(at::kFloat);
   Tensor active = at::zeros({dm.T, dm.K}, ids.options());
-  Tensor hs = at::empty({dm.T * dm.K, dm.D}, f32), ys = at::empty({dm.T * dm.K, dm.d}, f32);
+  // fp32 scratch per slot: the expert's hidden units [D] and its output [d]. Long prompts run in
+  // token chunks of at most kMoexScratchBytes of scratch (every token's arithmetic is the same
+  // whatever the chunk).
+  constexpr int64_t kMoexScratchBytes = int64_t{512} << 20;
+  const int64_t per_token = std::max<int64_t>(1, dm.K * (dm.D + dm.d) * 4);
+  const int64_t tc = std::clamp<int64_t>(kMoexScratchBytes / per_token, 1, std::max<int64_t>(dm.T, 1));
+  Tensor hs = at::empty({tc * dm.K, dm.D}, f32), ys = at::empty({tc * dm.K, dm.d}, f32);
   MoexExpertsParams p;
-  p.hidden = h_in.data_ptr();
   p.hidden_dtype = to_dtype(h_in, "hidden");
   p.hidden_stride = h_in.stride(0);
-  p.ids = ids_c.data_ptr<int32_t>();
-  p.weights = w_c.data_ptr<float>();
-  p.T = dm.T;
   p.K = static_cast<int>(dm.K);
   p.M = static_cast<int>(dm.M);
   p.D = dm.D;
@@ -64,11 +68,18 @@ std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
   p.dense = dm.down == MoexDown::Dense;
   p.h = hs.data_ptr<float>();
   p.y = ys.data_ptr<float>();
-  p.active = active.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  if (dm.T > 0 && dm.d > 0) {
-    cuda::launch_moex_experts(p, c10::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (dm.d > 0) {
+    const int64_t hb = h_in.element_size(), ob = out.element_size();
+    for (int64_t t0 = 0; t0 < dm.T; t0 += tc) {
+      p.T = std::min(tc, dm.T - t0);
+      p.hidden = static_cast<const char*>(h_in.data_ptr()) + t0 * p.hidden_stride * hb;
+      p.ids = ids_c.data_ptr<int32_t>() + t0 * dm.K;
+      p.weights = w_c.data_ptr<float>() + t0 * dm.K;
+      p.active = active.data_ptr<int32_t>() + t0 * dm.K;
+      p.out = static_cast<char*>(out.data_ptr()) + t0 * dm.d * ob;
+      cuda::launch_moex_experts(p, c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   return {out, return_active ? active : at::empty({0}, ids.options())};
 }

@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_common.cuh"
 #include "moex/cuda/moex_launch.h"
 #include "moex/moex_types.h"
 
@@ -30,24 +31,7 @@ namespace moeops::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxExperts = 512;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return v;
-}
 
 struct DevErfc {
   __device__ float operator()(float v) const { return erfcf(v); }

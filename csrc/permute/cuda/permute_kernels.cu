@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_common.cuh"
 #include "common/launch_types.h"
 #include "permute/cuda/permute_launch.h"
 
@@ -28,12 +29,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
 constexpr size_t kAlign = 256;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("moeops: ") + what + " failed: " + cudaGetErrorString(err));
-  }
-}
 
 unsigned grid_for(int64_t work_items, int64_t items_per_block) {
   int64_t b = (work_items + items_per_block - 1) / items_per_block;
@@ -126,19 +121,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Row r of out = hidden[slot / top_k] (* slot_scale[slot]), zero when slot is -1 (or out of range).
 // nvec = H / N vectors per row; hidden_stride in elements (a multiple of N).
