@@ -284,7 +284,10 @@ _TLNAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _compile_for_gpu(xdt, wdt, odt, cfg, has_bias, arch):
-    """Compiles the kernel to a cubin for ``arch`` with triton's bundled ptxas: no GPU needed."""
+    """Compiles the kernel to a cubin for ``arch`` with triton's bundled ptxas: no GPU needed.
+    Specialised as a launch on contiguous tensors is: K_STATIC = 0 (the runtime K loop), unit
+    inner strides, and 16-divisible pointers, sizes and row strides (what triton's launcher
+    infers for such arguments; without these hints the K loop is not software-pipelined)."""
     import inspect
     import triton
     import triton.language as tl
@@ -296,13 +299,18 @@ def _compile_for_gpu(xdt, wdt, odt, cfg, has_bias, arch):
     ptrs = {"x_ptr": xdt, "w_ptr": wdt, "out_ptr": odt, "bias_ptr": torch.float32}
     cdt = gg._TL_DTYPES[xdt] if xdt == wdt else tl.float32
     bm, bn, bk, warps, stages = cfg
-    const = dict(HAS_BIAS=has_bias, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32, BLOCK_M=bm,
-                 BLOCK_N=bn, BLOCK_K=bk)
+    const = dict(HAS_BIAS=has_bias, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32, K_STATIC=0,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, stride_xk=1, stride_wk=1, stride_on=1)
+    if has_bias:
+        const["stride_bn"] = 1
     sig = {n: "constexpr" if n in const else
            ("*" + _TLNAME[ptrs[n]] if n in ptrs else "*i32") if n.endswith("_ptr") else "i32"
            for n in names}
+    div16 = [n for n in names if n not in const and (n.endswith("_ptr") or n in (
+        "N", "K", "stride_xm", "stride_we", "stride_wn", "stride_om", "stride_be"))]
     src = ASTSource(fn=kern, signature=sig,
-                    constexprs={(names.index(n),): v for n, v in const.items()})
+                    constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
@@ -326,6 +334,7 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
     else:
         xdt = wdt = DTYPES[dtypes]
     for i, (_, *cfg) in enumerate(gg._CONFIGS):
+        stages = cfg[4]
         for odt, has_bias in ((xdt, False), (torch.float32, True)):
             for arch in (90, 80) if i == 0 else (90,):
                 try:
@@ -335,6 +344,12 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
                         pytest.skip(f"no ptxas: {e}")
                     raise
                 assert "cubin" in ck.asm, (cfg, odt, arch)
+                if arch == 90 and xdt == wdt and xdt != torch.float32 and stages > 1:
+                    # 16-bit on Hopper: tensor cores (wgmma from 64-row tiles, mma.sync below)
+                    # fed by a cp.async multi-stage pipeline
+                    ptx = ck.asm["ptx"]
+                    mma = "wgmma.mma_async" if cfg[0] >= 64 else "mma.sync"
+                    assert mma in ptx and "cp.async" in ptx, (cfg, odt, mma)
 
 
 # ----------------------------------------------------------------------------- CUDA

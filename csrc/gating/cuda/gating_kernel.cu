@@ -322,7 +322,8 @@ void launch_topk_gating(const GatingParams& p, cudaStream_t stream) {
   if (p.logits == nullptr || p.weights == nullptr || p.ids == nullptr) {
     throw std::invalid_argument("moeops::cuda::launch_topk_gating: null logits/weights/ids pointer");
   }
-  // At most 4 * (3*2048 + 2048 + 512 + 512) = 36 KiB: below the 48 KiB default, no opt-in needed.
+  // At most 4 warps * (3 * 2048 + 1024 + 512 + 256) bytes = 31 KiB (E = 512, n_group = 256):
+  // below the 48 KiB default, no opt-in needed.
   const SmemLayout L = make_layout(p.E, p.n_group);
   switch (p.logits_dtype) {
     case DType::F32: launch_typed<float>(p, L, stream); break;
