@@ -55,11 +55,15 @@ step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --tim
   --json "$OUT/bench.json"
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
 step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
+# last, only if time is left: the Triton autotuner's choices on two prefill shapes (for _CANDIDATES)
+step triton_tune 60 $PY -m moeops bench --suite gemm --device cuda --peers triton,triton-tuned,torch \
+  --models qwen3-30b-a3b,mixtral-8x7b --tokens 512,4096 --time-budget 0.2 --repeats 10 --quiet \
+  --json "$OUT/bench_triton_tune.json"
 
 echo "================ moeops GPU check ($(head -c 10 "$OUT/commit.txt"), $(( $(date +%s) - T0 ))s) ================"
 grep -m1 -E "NVIDIA H|NVIDIA A|NVIDIA B" "$OUT/nvidia-smi.log" || true
 grep -E "^(torch|cuda_kernels_built|cuda_archs|sm90_grouped_gemm|triton) " "$OUT/info.log"
-for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck; do
+for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck triton_tune; do
   [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"
 done
 tail -1 "$OUT/tests.log"
@@ -67,3 +71,4 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
 cat "$OUT/bench_gemm.log"
 cat "$OUT/bench.log"
+[ -f "$OUT/triton_tune.log" ] && cat "$OUT/triton_tune.log"

@@ -55,6 +55,20 @@ def test_suite_runs_and_checks_every_peer(tiny):
     assert "x torch" in table and "all implementations match" in table
 
 
+def test_opt_in_peers_run_only_when_named(tiny, monkeypatch):
+    """triton-tuned (autotuning compiles and times every candidate) is left out of the default
+    peers even where it could run; named in --peers it runs, and its choices are reported."""
+    monkeypatch.setattr(bg, "available_peers", lambda dev: ["moeops", "triton-tuned", "dense"])
+    real = bg._peer_fn
+    monkeypatch.setattr(bg, "_peer_fn", lambda p, x, w, o: real("moeops" if p == "triton-tuned" else p, x, w, o))
+    assert "triton-tuned" not in _run()["peers"]
+    r = _run(peers=["moeops", "triton-tuned"])
+    assert r["peers"] == ["moeops", "triton-tuned"] and r["ok"]
+    assert all("median_s" in c["results"]["triton-tuned"] for c in r["cases"])
+    r["triton_tuned"] = {"class<=16 rows~2^5 N=64 K=32": [16, 64, 64, 4, 3]}
+    assert "autotuner's choices" in bg.format_gemm_bench(r)
+
+
 def test_a_wrong_implementation_fails_the_run(tiny, monkeypatch):
     real = bg._peer_fn
 

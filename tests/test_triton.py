@@ -318,8 +318,9 @@ def _compile_for_gpu(xdt, wdt, odt, cfg, has_bias, arch):
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 @pytest.mark.parametrize("dtypes", ["bf16", "fp16", "fp32", "bf16x_fp32w"])
 def test_kernel_compiles_for_sm90_and_sm80(dtypes):
-    """Every config of the shape-class table compiles to a cubin (catches what the interpreter
-    cannot: layouts, shared memory, dot operand types), on hosts without a GPU too."""
+    """Every config of the shape-class table (and, in bf16, every autotuning candidate) compiles
+    to a cubin (catches what the interpreter cannot: layouts, shared memory, dot operand types),
+    on hosts without a GPU too."""
     from moeops.backends import _triton_interpreting
     if _triton_interpreting():
         pytest.skip("this process runs with TRITON_INTERPRET=1")
@@ -333,10 +334,15 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
         xdt, wdt = torch.bfloat16, torch.float32
     else:
         xdt = wdt = DTYPES[dtypes]
-    for i, (_, *cfg) in enumerate(gg._CONFIGS):
+    # every class default in both output variants; for bf16 also the autotuner's other candidates
+    runs = [(tuple(cfg), i == 0, ((xdt, False), (torch.float32, True)))
+            for i, (_, *cfg) in enumerate(gg._CONFIGS)]
+    if dtypes == "bf16":
+        runs += [(cfg, False, ((xdt, False),)) for _, cands in gg._CANDIDATES for cfg in cands[1:]]
+    for cfg, with_sm80, variants in runs:
         stages = cfg[4]
-        for odt, has_bias in ((xdt, False), (torch.float32, True)):
-            for arch in (90, 80) if i == 0 else (90,):
+        for odt, has_bias in variants:
+            for arch in (90, 80) if with_sm80 else (90,):
                 try:
                     ck = _compile_for_gpu(xdt, wdt, odt, tuple(cfg), has_bias, arch)
                 except RuntimeError as e:
@@ -350,6 +356,86 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
                     ptx = ck.asm["ptx"]
                     mma = "wgmma.mma_async" if cfg[0] >= 64 else "mma.sync"
                     assert mma in ptx and "cp.async" in ptx, (cfg, odt, mma)
+
+
+# ----------------------------------------------------------------------------- autotuner
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
+def test_autotuner_keeps_the_fastest_candidate_that_runs(monkeypatch):
+    gg = importlib.import_module("moeops._triton.grouped_gemm")
+    monkeypatch.setattr(gg, "_TUNED", {})
+    cands = ((1,), (2,), (3,), (4,))
+    cost = {(1,): 3.0, (2,): 1.0, (3,): 0.5, (4,): 2.0}
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg == (3,):  # fastest on paper, but does not compile (e.g. too much shared memory)
+            raise RuntimeError("out of resources")
+
+    timer = lambda fn: (fn(), cost[launched[-1]])[1]  # noqa: E731
+    assert gg._tune("k", cands, launch, timer) == (2,)
+    assert gg.tuned_configs() == {"k": (2,)}
+    n = len(launched)
+    assert gg._tune("k", cands, launch, timer) == (2,) and len(launched) == n  # cached
+    # nothing runs: the class default comes back, uncached, so the real launch raises
+    assert gg._tune("bad", cands, lambda cfg: (_ for _ in ()).throw(RuntimeError("x")), timer) == (1,)
+    assert "bad" not in gg.tuned_configs()
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
+def test_autotuner_switch_follows_the_environment_unless_set(monkeypatch):
+    gg = importlib.import_module("moeops._triton.grouped_gemm")
+    monkeypatch.setattr(gg, "_AUTOTUNE", None)
+    monkeypatch.delenv("MOEOPS_TRITON_AUTOTUNE", raising=False)
+    assert not gg._autotune_enabled()
+    monkeypatch.setenv("MOEOPS_TRITON_AUTOTUNE", "1")
+    assert gg._autotune_enabled()
+    gg.set_autotune(False)
+    assert not gg._autotune_enabled()
+    gg.set_autotune(True)
+    monkeypatch.delenv("MOEOPS_TRITON_AUTOTUNE")
+    assert gg._autotune_enabled()
+    gg.set_autotune(None)
+    assert not gg._autotune_enabled()
+    # every candidate of a class is a 5-tuple and each class's default is its first candidate
+    for (bound, cands), (b2, *default) in zip(gg._CANDIDATES, gg._CONFIGS):
+        assert bound == b2 and tuple(default) == cands[0] and all(len(c) == 5 for c in cands)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()),
+                    reason=f"needs a CUDA GPU and triton (cuda available: {torch.cuda.is_available()})")
+def test_autotuned_grouped_gemm_matches_reference_and_skips_tuning_in_graph_capture(monkeypatch):
+    gg = importlib.import_module("moeops._triton.grouped_gemm")
+    monkeypatch.setattr(gg, "_TUNED", {})
+    monkeypatch.setattr(gg, "_AUTOTUNE", True)
+    g = torch.Generator().manual_seed(5)
+    E, K, N = 8, 256, 192
+    for R in (40, 3000):  # a decode-like and a prefill-like shape class
+        x = torch.randn(R, K, generator=g).to(torch.bfloat16)
+        w = (torch.randn(E, N, K, generator=g) * K ** -0.5).to(torch.bfloat16)
+        offsets = _offsets([R // E] * E, "cpu")
+        got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), backend="triton")
+        want = reference.grouped_gemm(x, w, offsets)
+        torch.testing.assert_close(got.cpu().float(), want.float(), **_tol(torch.bfloat16))
+    assert len(gg.tuned_configs()) == 2
+    # a new shape key met during capture is not tuned (no host sync inside the graph)
+    x = torch.randn(500, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
+    offsets = _offsets([500 // E] * E, "cuda")
+    gg.set_autotune(False)
+    moeops.grouped_gemm(x, w, offsets, backend="triton")  # compile the default outside
+    gg.set_autotune(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moeops.grouped_gemm(x, w, offsets, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert gg.tuned_configs() == {}
+    torch.testing.assert_close(out.float(), reference.grouped_gemm(x, w, offsets).float(),
+                               **_tol(torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -14,7 +14,10 @@ Implementations (``--peers``):
 * ``moeops``: ``moeops.grouped_gemm(backend="cpp")``, the kernel choice ``auto``;
 * ``moeops-sm90`` / ``moeops-mma``: the same forced onto the CUTLASS sm_90a kernel / the mma.sync
   kernel (CUDA builds; sm90 needs a Hopper GPU and a build with the CUTLASS kernels);
-* ``triton``: ``moeops.grouped_gemm(backend="triton")`` (CUDA);
+* ``triton``: ``moeops.grouped_gemm(backend="triton")`` (CUDA), each shape class's default config;
+* ``triton-tuned``: the same with the Triton autotuner on (``moeops._triton.set_autotune``):
+  the correctness call tunes the shape, timing uses the choice. Not in the default peers (tuning
+  compiles and times every candidate once); ask for it with ``--peers``;
 * ``torch``: ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) with
   ``offs`` = the experts' cumulative row ends;
 * ``dense``: one ``torch.mm`` of ``[R, Kd] x [Kd, N]``: the same FLOPs with no grouping.
@@ -35,7 +38,8 @@ import torch
 
 from moeops.bench_experts import DTYPES, LAYERS, _moeops_version, measure_machine, rel_err
 
-PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "torch", "dense")
+PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "triton-tuned", "torch", "dense")
+OPT_IN_PEERS = ("triton-tuned",)  # run only when named in --peers
 GPU_MODELS = ("qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")
 GPU_TOKENS = (512, 4096, 16384)
 CPU_MODELS = ("qwen3-30b-a3b",)
@@ -80,7 +84,7 @@ def available_peers(device: torch.device) -> list[str]:
     if device.type == "cuda":
         try:
             import triton  # noqa: F401
-            out.append("triton")
+            out += ["triton", "triton-tuned"]
         except ImportError:
             pass
     if _torch_grouped_mm() is not None:
@@ -106,6 +110,16 @@ def _peer_fn(peer: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor)
         return fn
     if peer == "triton":
         return lambda: moeops.grouped_gemm(x, w, offsets, backend="triton")
+    if peer == "triton-tuned":
+        from moeops import _triton
+
+        def tuned():
+            _triton.set_autotune(True)
+            try:
+                return moeops.grouped_gemm(x, w, offsets, backend="triton")
+            finally:
+                _triton.set_autotune(None)
+        return tuned
     if peer == "torch":
         gmm = _torch_grouped_mm()
         wt = w.transpose(1, 2)  # [E, Kd, N], K-major like the moeops kernels read it
@@ -177,7 +191,7 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
             raise ValueError(f"unknown model {m!r}; known: {', '.join(LAYERS)}")
     tokens = list(tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS))
     can = available_peers(dev)
-    wanted = list(peers or can)
+    wanted = list(peers or [p for p in can if p not in OPT_IN_PEERS])
     for p in wanted:
         if p not in PEERS:
             raise ValueError(f"unknown implementation {p!r}; known: {', '.join(PEERS)}")
@@ -234,15 +248,23 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
             del w
     import moeops
 
+    tuned = {}
+    if "triton-tuned" in wanted:
+        try:
+            from moeops import _triton
+            tuned = {f"class<={k[0]} rows~2^{k[1] - 1} N={k[2]} K={k[3]}": list(v)
+                     for k, v in _triton.tuned_configs().items()}
+        except ImportError:  # no triton: nothing was tuned
+            pass
     return dict(suite="gemm", device=str(dev), dtype=dtype, ok=ok, notes=notes, machine=machine,
-                peers=wanted, cases=cases,
+                peers=wanted, cases=cases, triton_tuned=tuned,
                 gpu=torch.cuda.get_device_name(dev) if on_gpu else None,
                 versions=dict(torch=torch.__version__, moeops=_moeops_version(),
                               cuda_gemm_auto_sm90=bool(getattr(moeops._C, "sm90_grouped_gemm", False))))
 
 
 _SHORT = {"moeops": "moeops", "moeops-sm90": "sm90", "moeops-mma": "mma", "triton": "triton",
-          "torch": "torch", "dense": "dense"}
+          "triton-tuned": "tri-tuned", "torch": "torch", "dense": "dense"}
 
 
 def format_gemm_bench(r: dict) -> str:
@@ -274,4 +296,7 @@ def format_gemm_bench(r: dict) -> str:
            if "error" in res or (res.get("rel_err") is not None and not res["rel_err"] <= TOLERANCE[r["dtype"]])]
     lines += ["", "all implementations match the fp32 reference" if not bad else "FAILED checks:"]
     lines += [f"  {b}" for b in bad]
+    if r.get("triton_tuned"):
+        lines += ["", "Triton autotuner's choices (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):"]
+        lines += [f"  {k}: {tuple(v)}" for k, v in r["triton_tuned"].items()]
     return "\n".join(lines)

@@ -2,9 +2,10 @@
 
 Importing this package imports triton. The kernels need a CUDA device, or the Triton
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported) to run on CPU tensors for
-testing. Same positional signatures as :mod:`moeops.reference`.
+testing. Same positional signatures as :mod:`moeops.reference`. :func:`set_autotune` /
+``MOEOPS_TRITON_AUTOTUNE=1`` turn on per-shape autotuning of the grouped GEMM on GPUs.
 """
 
-from moeops._triton.grouped_gemm import fused_experts, grouped_gemm
+from moeops._triton.grouped_gemm import fused_experts, grouped_gemm, set_autotune, tuned_configs
 
-__all__ = ["grouped_gemm", "fused_experts"]
+__all__ = ["grouped_gemm", "fused_experts", "set_autotune", "tuned_configs"]

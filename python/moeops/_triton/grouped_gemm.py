@@ -88,17 +88,87 @@ def _grouped_gemm_kernel(
 
 # ----------------------------------------------------------------------------- configs
 
-# (max average rows per expert, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-# First row whose bound is >= R / E wins. Untuned starting points (no GPU was at hand):
-# decode-like shapes (few rows per expert) want a short M tile and wide N/K tiles; prefill-like
-# shapes want square-ish 64-128 tiles.
-_CONFIGS = (
-    (16, 16, 64, 64, 4, 3),
-    (64, 64, 64, 64, 4, 3),
-    (float("inf"), 128, 128, 32, 8, 3),
+# Shape classes: (max average rows per expert, candidate configs), a config being (BLOCK_M,
+# BLOCK_N, BLOCK_K, num_warps, num_stages). The first class whose bound is >= R / E applies.
+# Without autotuning each class runs its first candidate (starting points chosen without a GPU:
+# decode-like shapes, few rows per expert, want a short M tile and wide N/K tiles; prefill-like
+# shapes square-ish 64-128 tiles). With autotuning (set_autotune(True) or
+# MOEOPS_TRITON_AUTOTUNE=1) the first call of each shape key on a GPU times every candidate
+# that compiles and keeps the fastest (tuned_configs()).
+_CANDIDATES = (
+    (16, ((16, 64, 64, 4, 3), (16, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4))),
+    (64, ((64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4))),
+    (float("inf"), ((128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                    (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))),
 )
+# (bound, default config) per class, flattened
+_CONFIGS = tuple((bound, *cands[0]) for bound, cands in _CANDIDATES)
 # The interpreter runs every program in numpy: small tiles keep CPU tests quick.
 _INTERPRET_CONFIG = (16, 32, 32, 1, 1)
+
+_AUTOTUNE: bool | None = None  # None: follow MOEOPS_TRITON_AUTOTUNE
+_TUNED: dict = {}
+
+
+def set_autotune(enabled: bool | None) -> None:
+    """Turns the Triton grouped GEMM's autotuner on or off for this process (``None``: follow
+    the environment variable ``MOEOPS_TRITON_AUTOTUNE=1``). Tuning happens on the first call of
+    each shape key (shape class, rows rounded to a power of two, N, K, dtypes, bias, layout,
+    device): every candidate of the class is compiled and timed (median of 5 CUDA-event
+    timings), which synchronises with the host once; later calls reuse the choice. Calls made
+    while a CUDA graph is being captured never tune (they use a tuned config if there is one,
+    else the class default)."""
+    global _AUTOTUNE
+    _AUTOTUNE = enabled
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choices so far: ``{shape key: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages)}``."""
+    return dict(_TUNED)
+
+
+def _autotune_enabled() -> bool:
+    if _AUTOTUNE is not None:
+        return _AUTOTUNE
+    import os
+    return os.environ.get("MOEOPS_TRITON_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _cuda_time_ms(fn, reps: int = 5) -> float:
+    """Median CUDA-event time of ``fn()`` over ``reps`` runs (after the caller's warm-up)."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _tune(key, candidates, launch, timer=_cuda_time_ms):
+    """The fastest of ``candidates`` for ``key`` by ``timer(lambda: launch(cfg))``, cached in
+    _TUNED. A candidate whose compile or launch fails (e.g. too much shared memory for fp32
+    operands) is skipped; if none runs, the first candidate is returned uncached so that its
+    error surfaces from the real launch."""
+    if key in _TUNED:
+        return _TUNED[key]
+    best = None
+    for cfg in candidates:
+        try:
+            launch(cfg)  # compile and warm up
+        except Exception:  # noqa: BLE001 - triton raises several compile/resource error types
+            continue
+        t = timer(lambda: launch(cfg))
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best is None:
+        return candidates[0]
+    _TUNED[key] = best[1]
+    return best[1]
+
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -112,14 +182,19 @@ def _interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _shape_class(R: int, E: int):
+    """(class bound, candidate configs) for R rows over E experts."""
+    avg = R / max(E, 1)
+    for bound, cands in _CANDIDATES:
+        if avg <= bound:
+            return bound, cands
+    return _CANDIDATES[-1]
+
+
 def _pick_config(R: int, E: int):
     if _interpreting():
         return _INTERPRET_CONFIG
-    avg = R / max(E, 1)
-    for bound, *cfg in _CONFIGS:
-        if avg <= bound:
-            return tuple(cfg)
-    return tuple(_CONFIGS[-1][1:])
+    return _shape_class(R, E)[1][0]
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -179,8 +254,6 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                                     else w.new_zeros(E, N, 1), offsets, w_transposed, bias,
                                     out.dtype))
         return out
-    bm, bn, bk, warps, stages = _pick_config(R, E)
-    bounds, tile_group, tile_m, max_tiles = _schedule(offsets, R, E, bm)
     if w_transposed:  # [E, K, N]
         s_we, s_wk, s_wn = w.stride()
     else:  # [E, N, K]
@@ -195,18 +268,33 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         cdt = tl.float32
     b = bias if bias is not None else out  # dummy pointer when absent
     s_be, s_bn = (bias.stride() if bias is not None else (0, 0))
-    grid = (max_tiles, triton.cdiv(N, bn))
-    _grouped_gemm_kernel[grid](
-        x, w, out, b, bounds, tile_group, tile_m,
-        N, K, E,
-        x.stride(0), x.stride(1),
-        s_we, s_wn, s_wk,
-        out.stride(0), out.stride(1),
-        s_be, s_bn,
-        HAS_BIAS=bias is not None, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32,
-        K_STATIC=K if _interpreting() else 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        bounds, tile_group, tile_m, max_tiles = _schedule(offsets, R, E, bm)
+        grid = (max_tiles, triton.cdiv(N, bn))
+        _grouped_gemm_kernel[grid](
+            x, w, out, b, bounds, tile_group, tile_m,
+            N, K, E,
+            x.stride(0), x.stride(1),
+            s_we, s_wn, s_wk,
+            out.stride(0), out.stride(1),
+            s_be, s_bn,
+            HAS_BIAS=bias is not None, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32,
+            K_STATIC=K if _interpreting() else 0,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    cfg = _pick_config(R, E)
+    if x.is_cuda and not _interpreting() and _autotune_enabled():
+        bound, cands = _shape_class(R, E)
+        key = (bound, R.bit_length(), N, K, x.dtype, w.dtype, out.dtype, bias is not None,
+               w_transposed, x.device.index)
+        if key in _TUNED:
+            cfg = _TUNED[key]
+        elif not torch.cuda.is_current_stream_capturing():
+            cfg = _tune(key, cands, launch)
+    launch(cfg)
     return out
 
 
@@ -268,9 +356,11 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                   gated: bool = True, gain: torch.Tensor | None = None,
                   shared_out: torch.Tensor | None = None,
                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton :func:`moeops.reference.fused_experts`: plan, gather, up GEMM (+ bias),
-    activation in torch (fp32), down GEMM (+ bias), weighted combine in slot order, shared
-    expert. Intermediates stay fp32 as in the reference; the output is rounded once.
+    """Triton :func:`moeops.reference.fused_experts`: plan, gather, up GEMM (+ bias, fp32
+    out), activation in torch (fp32), down GEMM (+ bias, fp32 out), weighted combine in slot
+    order, shared expert; the output is rounded once. When hidden and w_down are both bf16 (or
+    both fp16) the activation is rounded to that dtype before the down GEMM (tensor cores), as
+    Hugging Face's experts and the CUDA kernels do; otherwise intermediates stay fp32.
     Differentiable like the compiled op (same pure-torch backward)."""
     args = (hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain,
             shared_out, shared_gate)
@@ -308,6 +398,10 @@ def _fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation,
         h = reference.apply_activation(u[:, :i], activation) * u[:, i:]
     else:
         h = reference.apply_activation(u, activation)
+    if hidden.dtype == w_down.dtype and w_down.dtype in (torch.bfloat16, torch.float16):
+        # 16-bit layers: the activation is rounded to the weights' dtype, so the down GEMM runs
+        # on 16-bit tensor cores (as Hugging Face's experts and the CUDA kernels do)
+        h = h.to(w_down.dtype)
     y = _grouped_gemm(h, w_down, plan.offsets, False, b_down, torch.float32)
     out = ops.combine(y, w_slot.contiguous(), plan.inverse)  # fp32, slot order
     if shared_out is not None:
