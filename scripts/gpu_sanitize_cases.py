@@ -99,7 +99,8 @@ def main() -> int:
         want = reference.topk_gating(case.pop("logits"), case.pop("k"), **case)
         failures += not torch.equal(got.ids.cpu(), want[1])
     for T, K, E, H, dt in [(0, 2, 4, 8, torch.float32), (1, 1, 3, 1, torch.bfloat16),
-                           (37, 8, 128, 7, torch.float16), (64, 2, 8, 4096, torch.bfloat16)]:
+                           (37, 8, 128, 7, torch.float16), (64, 2, 8, 4096, torch.bfloat16),
+                           (300, 4, 16, 8, torch.float32)]:  # > 1024 slots: the radix-sort plan
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(-1, E, (T, K), generator=g).int()
         got = moeops.route_plan(ids.to(dev), E, backend="cpp")

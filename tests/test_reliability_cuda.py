@@ -76,6 +76,19 @@ def test_route_plan_cuda_matches_reference(T, K, E, empty, unique, seed):
     tp.check_plan_invariants(ids, E, got)
 
 
+@pytest.mark.parametrize("n,E", [(1024, 64), (1025, 64), (1024, 4095), (1024, 4096), (1, 1), (7, 300)])
+def test_route_plan_cuda_both_paths_match_reference(n, E):
+    """Plans of up to 1024 slots over fewer than 4096 experts take the one-block kernel, larger
+    ones the radix sort: both give the reference's plan (ties in slot order, empty slots last)."""
+    g = tp._gen(n + E)
+    ids = torch.randint(-1, E + 2, (n, 1), generator=g, dtype=torch.int32)  # empties, out of range
+    ids[: n // 3] = ids[0]  # a long run of one expert
+    got = [t.cpu() for t in _ops.route_plan(ids.cuda(), E)]
+    want = ref.route_plan(torch.where((ids >= 0) & (ids < E), ids, -1), E)
+    for name, a, b in zip(("offsets", "sorted_slots", "inverse"), got, want):
+        tp._assert_ids_exact(a, b, name)
+
+
 @settings(max_examples=tp._examples(0.2))
 @given(c=tp.permute_cases(), wpattern=st.sampled_from(["random", "negative"]))
 def test_permute_and_combine_cuda_match_reference(c, wpattern):

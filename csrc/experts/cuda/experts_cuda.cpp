@@ -161,7 +161,7 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
   const int64_t T = d.T, H = d.H, K = d.K, E = d.E, I = d.I;
   auto f32 = hidden.options().dtype(at::kFloat);
 
-  Tensor out32 = at::zeros({T, H}, f32);
+  Tensor out32;  // the routed experts' fp32 sum; zeros when no slot can be routed
   if (T > 0 && H > 0 && K > 0 && E > 0) {  // E == 0: every slot is empty (as on the CPU)
     // 1. slots of gain-0 experts (and ids outside [0, E)) become empty; weights carry the gain
     Tensor ids = ids_in.contiguous();
@@ -263,6 +263,8 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
 
     // 5. deterministic weighted combine in fp32, slot order
     out32 = combine_cuda(y, weights, inverse);
+  } else {
+    out32 = at::zeros({T, H}, f32);
   }
   if (shared_out.has_value()) {
     const Tensor sg = shared_gate.has_value() ? shared_gate->to(at::kFloat).reshape({T, 1})

@@ -4,11 +4,16 @@
 //   cub::DeviceRadixSort::SortPairs over the low bits(E) bits; offsets[e] = lower_bound(keys, e)
 //   for e = 0..E; then sorted_slots[r] = key < E ? slot : -1 and inverse[slot] = key < E ? r : -1.
 //   Deterministic, no host synchronisation; all scratch lives in the caller's workspace.
+//   Small plans (decode: n_slots <= kSmallPlanSlots, E < kSmallPlanExperts) take one kernel
+//   instead of four: one block counts the keys in shared memory, scans the counts into offsets,
+//   and places slot s at offsets[key] + (number of earlier slots with its key), which is the
+//   stable sort's position, so both paths give identical plans.
 // permute / combine: a 256-thread block handles 256/tpr rows, tpr (a power of two) threads per
 //   row striding over 16/8/4/elem-byte vectors of the row (the widest the sizes and pointers
 //   allow); grid-stride over rows, 64-bit row offsets.
 //
 // Only CUDA/CUB headers and common/launch_types.h here (project rule: no torch in .cu files).
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -83,6 +88,60 @@ __global__ void plan_keys_kernel(const int32_t* __restrict__ ids, int64_t n, uin
     const int32_t id = ids[i];
     keys[i] = (id >= 0 && static_cast<uint32_t>(id) < E) ? static_cast<uint32_t>(id) : E;
     vals[i] = static_cast<int32_t>(i);
+  }
+}
+
+constexpr int64_t kSmallPlanSlots = 1024;
+constexpr int kSmallPlanExperts = 4096;
+constexpr int kSmallPlanThreads = 1024;
+
+bool small_plan(int64_t n_slots, int E) { return n_slots <= kSmallPlanSlots && E < kSmallPlanExperts; }
+
+// The whole plan in one block (small_plan): shared keys [n] and per-key counts [E + 1], turned
+// into group starts by an exclusive scan; then each slot's rank among earlier slots of its key.
+__global__ void __launch_bounds__(kSmallPlanThreads)
+    plan_small_kernel(const int32_t* __restrict__ ids, int n, uint32_t E, int32_t* __restrict__ offsets,
+                      int32_t* __restrict__ sorted_slots, int32_t* __restrict__ inverse) {
+  using Scan = cub::BlockScan<int, kSmallPlanThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int carry;
+  extern __shared__ int smem[];
+  int* keys = smem;       // [n]
+  int* start = smem + n;  // [E + 1]: counts, then group starts
+  const int tid = static_cast<int>(threadIdx.x);
+  const int groups = static_cast<int>(E) + 1;
+  for (int e = tid; e < groups; e += kSmallPlanThreads) start[e] = 0;
+  if (tid == 0) carry = 0;
+  __syncthreads();
+  for (int s = tid; s < n; s += kSmallPlanThreads) {
+    const int32_t id = ids[s];
+    const int key = (id >= 0 && static_cast<uint32_t>(id) < E) ? id : static_cast<int>(E);
+    keys[s] = key;
+    atomicAdd(&start[key], 1);  // counts: the same whatever the order of the additions
+  }
+  __syncthreads();
+  for (int base = 0; base < groups; base += kSmallPlanThreads) {
+    const int e = base + tid;
+    const int c = e < groups ? start[e] : 0;
+    int excl = 0, total = 0;
+    Scan(tmp).ExclusiveSum(c, excl, total);
+    const int before = carry;
+    if (e < groups) {
+      start[e] = before + excl;
+      offsets[e] = before + excl;  // offsets[E] = the non-empty slots
+    }
+    __syncthreads();  // every thread has read carry and tmp
+    if (tid == 0) carry = before + total;
+    __syncthreads();
+  }
+  for (int s = tid; s < n; s += kSmallPlanThreads) {
+    const int key = keys[s];
+    int rank = 0;
+    for (int j = 0; j < s; ++j) rank += keys[j] == key;
+    const int r = start[key] + rank;
+    const bool valid = key < static_cast<int>(E);
+    sorted_slots[r] = valid ? s : -1;
+    inverse[s] = valid ? r : -1;
   }
 }
 
@@ -275,7 +334,7 @@ void dispatch_vec(DType dt, int vec_bytes, F&& f) {
 
 size_t route_plan_workspace_bytes(int64_t n_slots, int E) {
   if (E < 1) throw std::invalid_argument("moeops::cuda::route_plan_workspace_bytes: E must be >= 1");
-  return plan_layout(n_slots, E).total;
+  return small_plan(n_slots, E) ? 0 : plan_layout(n_slots, E).total;
 }
 
 void launch_route_plan(const int32_t* ids, int64_t n_slots, int E, int32_t* offsets, int32_t* sorted_slots,
@@ -287,6 +346,14 @@ void launch_route_plan(const int32_t* ids, int64_t n_slots, int E, int32_t* offs
   if (n_slots == 0) {  // no slots: every expert is empty
     check_cuda(cudaMemsetAsync(offsets, 0, (static_cast<size_t>(E) + 1) * sizeof(int32_t), stream),
                "cudaMemsetAsync(offsets)");
+    return;
+  }
+  if (small_plan(n_slots, E)) {
+    const size_t smem = (static_cast<size_t>(n_slots) + static_cast<size_t>(E) + 1) * sizeof(int);
+    plan_small_kernel<<<1, kSmallPlanThreads, smem, stream>>>(ids, static_cast<int>(n_slots),
+                                                              static_cast<uint32_t>(E), offsets, sorted_slots,
+                                                              inverse);
+    check_cuda(cudaGetLastError(), "plan_small_kernel launch");
     return;
   }
   const PlanLayout L = plan_layout(n_slots, E);
