@@ -48,7 +48,11 @@ fi
 export PYTHONUNBUFFERED=1
 XDIST=""
 $PY -c "import xdist" 2> /dev/null && XDIST="-n 4"
-step tests 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
+PERTEST=""  # one hung test must not eat the step: pytest-timeout where installed
+$PY -c "import pytest_timeout" 2> /dev/null && PERTEST="--timeout 100"
+# -v: every test's outcome is in the log as it finishes, so a step cut by its cap still says
+# which tests passed and failed
+step tests 180 $PY -m pytest -v -rfE -m cuda tests -p no:cacheprovider $XDIST $PERTEST --junitxml="$OUT/tests.xml"
 step bench_gemm 90 $PY -m moeops bench --suite gemm --device cuda --time-budget 0.3 --repeats 20 --quiet \
   --json "$OUT/bench_gemm.json"
 step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --time-budget 0.3 --quiet \
@@ -67,7 +71,9 @@ for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck triton_
   [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"
 done
 tail -1 "$OUT/tests.log"
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+echo "tests passed: $(grep -c " PASSED" "$OUT/tests.log"), failed: $(grep -c " FAILED" "$OUT/tests.log"), skipped: $(grep -c " SKIPPED" "$OUT/tests.log")"
+grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
+grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
 cat "$OUT/bench_gemm.log"
 cat "$OUT/bench.log"
