@@ -77,4 +77,4 @@ grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
 cat "$OUT/bench_gemm.log"
 cat "$OUT/bench.log"
-[ -f "$OUT/triton_tune.log" ] && cat "$OUT/triton_tune.log"
+if [ -f "$OUT/triton_tune.log" ]; then cat "$OUT/triton_tune.log"; fi

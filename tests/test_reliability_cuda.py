@@ -82,7 +82,7 @@ def test_route_plan_cuda_both_paths_match_reference(n, E):
     ones the radix sort: both give the reference's plan (ties in slot order, empty slots last)."""
     g = tp._gen(n + E)
     ids = torch.randint(-1, E + 2, (n, 1), generator=g, dtype=torch.int32)  # empties, out of range
-    ids[: n // 3] = ids[0]  # a long run of one expert
+    ids[: n // 3] = min(3, E - 1)  # a long run of one expert
     got = [t.cpu() for t in _ops.route_plan(ids.cuda(), E)]
     want = ref.route_plan(torch.where((ids >= 0) & (ids < E), ids, -1), E)
     for name, a, b in zip(("offsets", "sorted_slots", "inverse"), got, want):
@@ -369,7 +369,9 @@ def test_cuda_degenerate_shapes_match_the_cpu(path):
             want = _ops.fused_experts(*args, **kw)
             got = _ops.fused_experts(*(a.cuda() for a in args), **{k: v.cuda() for k, v in kw.items()})
             torch.testing.assert_close(got.cpu().float(), want.float(), **CUDA_MM_TOL[torch.bfloat16])
-        x = torch.randn(40, 8, device="cuda").to(torch.bfloat16)[:, :0]  # K = 0, row stride 8
+        # K = 0 with a row stride of 8: zeros, from the SIMT kernel (the tensor-core kernel's
+        # cp.async pipeline needs K > 0; its result would be zeros too, so memcheck is the guard)
+        x = torch.randn(40, 8, device="cuda").to(torch.bfloat16)[:, :0]
         offsets = torch.tensor([0, 10, 10, 40], dtype=torch.int32, device="cuda")
         out = _ops.grouped_gemm(x, torch.zeros(3, 24, 0, dtype=torch.bfloat16, device="cuda"), offsets, False)
         torch.cuda.synchronize()
@@ -380,8 +382,10 @@ def test_cuda_degenerate_shapes_match_the_cpu(path):
 
 def test_moex_experts_cuda_long_prompt_runs_in_chunks():
     """moex_experts on CUDA bounds its fp32 scratch (512 MiB) by running token chunks: a prompt
-    of two chunks gives the CPU kernel's result for every token, active counts included."""
-    T, K, M, D, d = 4100, 4, 4, 8192, 64  # 4 * (8192 + 64) * 4 bytes a token: chunks of 4066
+    of two chunks gives bit for bit what the two halves give alone (each one chunk), and the
+    CPU kernel's result to rounding (active counts may differ where a unit's pre-activation is
+    within rounding of 0: the CUDA and CPU dot products add in different orders)."""
+    T, K, M, D, d = 4100, 4, 4, 8192, 64  # 4 * (8192 + 64) * 4 bytes a token: chunks of 4064
     g = tp._gen(3)
     hidden = torch.randn(T, d, generator=g)
     w_enc = torch.randn(M, D, d, generator=g) * d ** -0.5
@@ -390,8 +394,14 @@ def test_moex_experts_cuda_long_prompt_runs_in_chunks():
     ids = torch.stack([torch.randperm(M, generator=g) for _ in range(T)]).int()
     ids[:, -1] = -1  # one empty slot per token
     w = torch.rand(T, K, generator=g)
-    args = (ids, w, w_enc, b_enc, w_dec, None, "sparse", True)
-    want, want_active = _ops.moex_experts(hidden, *args)
-    got, active = _ops.moex_experts(hidden.cuda(), *(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    experts = (w_enc, b_enc, w_dec, None, "sparse", True)
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in experts]
+    got, active = _ops.moex_experts(hidden.cuda(), ids.cuda(), w.cuda(), *dev)
+    h = T // 2
+    for sl in (slice(0, h), slice(h, T)):
+        part, part_active = _ops.moex_experts(hidden[sl].cuda(), ids[sl].cuda(), w[sl].cuda(), *dev)
+        assert torch.equal(part, got[sl]) and torch.equal(part_active, active[sl])
+    want, want_active = _ops.moex_experts(hidden, ids, w, *experts)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(active.cpu(), want_active)
+    diff = (active.cpu() - want_active).abs()
+    assert int(diff.sum()) <= 1 + 0.01 * float(want_active.sum()), int(diff.sum())

@@ -142,6 +142,7 @@ cutlass::KernelHardwareInfo hw_info(int device) {
   if (device < 0 || device >= 64) throw std::invalid_argument("moeops: device index out of range");
   std::lock_guard<std::mutex> lock(mu);
   if (!have[device]) {
+    check_cuda(cudaGetLastError(), "a CUDA call before the sm90 grouped GEMM");  // not ours to drop
     cache[device] = cutlass::KernelHardwareInfo::make_kernel_hardware_info<typename G::Kernel>(device);
     // CUTLASS's cluster-occupancy query reports a failure only by returning 0 clusters and leaves
     // the CUDA error pending, where the next launch check would blame it on the setup kernel.

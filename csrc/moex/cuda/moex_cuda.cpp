@@ -45,12 +45,13 @@ std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
   Tensor out = at::empty({dm.T, dm.d}, hidden.options());
   auto f32 = hidden.options().dtype(at::kFloat);
   Tensor active = at::zeros({dm.T, dm.K}, ids.options());
+  if (dm.T == 0 || dm.d == 0) return {out, return_active ? active : at::empty({0}, ids.options())};
   // fp32 scratch per slot: the expert's hidden units [D] and its output [d]. Long prompts run in
   // token chunks of at most kMoexScratchBytes of scratch (every token's arithmetic is the same
   // whatever the chunk).
   constexpr int64_t kMoexScratchBytes = int64_t{512} << 20;
   const int64_t per_token = std::max<int64_t>(1, dm.K * (dm.D + dm.d) * 4);
-  const int64_t tc = std::clamp<int64_t>(kMoexScratchBytes / per_token, 1, std::max<int64_t>(dm.T, 1));
+  const int64_t tc = std::clamp<int64_t>(kMoexScratchBytes / per_token, 1, dm.T);
   Tensor hs = at::empty({tc * dm.K, dm.D}, f32), ys = at::empty({tc * dm.K, dm.d}, f32);
   MoexExpertsParams p;
   p.hidden_dtype = to_dtype(h_in, "hidden");
@@ -68,18 +69,16 @@ std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
   p.dense = dm.down == MoexDown::Dense;
   p.h = hs.data_ptr<float>();
   p.y = ys.data_ptr<float>();
-  if (dm.d > 0) {
-    const int64_t hb = h_in.element_size(), ob = out.element_size();
-    for (int64_t t0 = 0; t0 < dm.T; t0 += tc) {
-      p.T = std::min(tc, dm.T - t0);
-      p.hidden = static_cast<const char*>(h_in.data_ptr()) + t0 * p.hidden_stride * hb;
-      p.ids = ids_c.data_ptr<int32_t>() + t0 * dm.K;
-      p.weights = w_c.data_ptr<float>() + t0 * dm.K;
-      p.active = active.data_ptr<int32_t>() + t0 * dm.K;
-      p.out = static_cast<char*>(out.data_ptr()) + t0 * dm.d * ob;
-      cuda::launch_moex_experts(p, c10::cuda::getCurrentCUDAStream().stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  const int64_t hb = h_in.element_size(), ob = out.element_size();
+  for (int64_t t0 = 0; t0 < dm.T; t0 += tc) {
+    p.T = std::min(tc, dm.T - t0);
+    p.hidden = static_cast<const char*>(h_in.data_ptr()) + t0 * p.hidden_stride * hb;
+    p.ids = ids_c.data_ptr<int32_t>() + t0 * dm.K;
+    p.weights = w_c.data_ptr<float>() + t0 * dm.K;
+    p.active = active.data_ptr<int32_t>() + t0 * dm.K;
+    p.out = static_cast<char*>(out.data_ptr()) + t0 * dm.d * ob;
+    cuda::launch_moex_experts(p, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {out, return_active ? active : at::empty({0}, ids.options())};
 }
