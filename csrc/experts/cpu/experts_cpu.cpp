@@ -103,11 +103,12 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
   if (bf16_dot) {
     const auto* A = static_cast<const c10::BFloat16*>(x.data_ptr());
     const auto* B = static_cast<const c10::BFloat16*>(w.data_ptr());
+    auto panel = [&](const Item& it) { return B + (it.e * N + it.n0) * K; };
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const Item& it = items[i];
-        cpu::gemm_dot_bf16(A + it.m0 * K, K, it.m1 - it.m0, B + (it.e * N + it.n0) * K, K, it.n1 - it.n0, K,
-                           C + it.m0 * N + it.n0, N);
+        cpu::gemm_dot_bf16(A + it.m0 * K, K, it.m1 - it.m0, panel(it), K, it.n1 - it.n0, K, C + it.m0 * N + it.n0,
+                           N, false, i + 1 < end ? panel(items[i + 1]) : nullptr);
       }
     });
     return out32.to(x_in.scalar_type());
@@ -124,7 +125,7 @@ Tensor grouped_gemm_cpu(const Tensor& x_in, const Tensor& w_in, const Tensor& of
           cpu::gemm_axpy(A + it.m0 * K, K, it.m1 - it.m0, Be + it.n0, N, it.n1 - it.n0, K, C + it.m0 * N + it.n0, N);
         else
           cpu::gemm_dot(A + it.m0 * K, K, it.m1 - it.m0, Be + it.n0 * K, K, it.n1 - it.n0, K, C + it.m0 * N + it.n0,
-                        N);
+                        N, false, i + 1 < end ? B + (items[i + 1].e * N + items[i + 1].n0) * K : nullptr);
       }
     });
   });
@@ -354,15 +355,20 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
           const W* Uw = static_cast<const W*>(wptr.up[it.e]);
           const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
           float* Cg = Up + it.m0 * NU;
+          // each GEMM call prefetches the weights of the next: this item's up, the next item's gate
+          const W* next_gate =
+              i + 1 < end ? static_cast<const W*>(wptr.gate[up_items[i + 1].e]) + up_items[i + 1].n0 * H : nullptr;
+          const W* after_gate = gated ? Uw + it.n0 * H : next_gate;
           if constexpr (std::is_same_v<W, c10::BFloat16>) {
             if (bf16_dot) {
-              cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
-              if (gated) cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+              cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU, false, after_gate);
+              if (gated)
+                cpu::gemm_dot_bf16(Xb + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU, false, next_gate);
             }
           }
           if (!bf16_dot) {
-            cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU);
-            if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU);
+            cpu::gemm_dot(Xp + it.m0 * H, H, M, G + it.n0 * H, H, nb, H, Cg + it.n0, NU, false, after_gate);
+            if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU, false, next_gate);
           }
           const float* bu = bup ? bup + it.e * NU : nullptr;
           for (int64_t m = 0; m < M; ++m) {
@@ -393,10 +399,12 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
           const int64_t M = it.m1 - it.m0, nb = it.n1 - it.n0;
           float* C = Yp + it.m0 * H + it.n0;
           const W* Wd = static_cast<const W*>(wptr.down[it.e]) + it.n0 * I;
+          const W* next = i + 1 < end ? static_cast<const W*>(wptr.down[down_items[i + 1].e]) + down_items[i + 1].n0 * I
+                                      : nullptr;  // prefetched during this call's last panel
           if constexpr (std::is_same_v<W, c10::BFloat16>) {
-            if (bf16_dot) cpu::gemm_dot_bf16(Ubp + it.m0 * I, I, M, Wd, I, nb, I, C, H);
+            if (bf16_dot) cpu::gemm_dot_bf16(Ubp + it.m0 * I, I, M, Wd, I, nb, I, C, H, false, next);
           }
-          if (!bf16_dot) cpu::gemm_dot(Up + it.m0 * NU, NU, M, Wd, I, nb, I, C, H);
+          if (!bf16_dot) cpu::gemm_dot(Up + it.m0 * NU, NU, M, Wd, I, nb, I, C, H, false, next);
           if (bdn)
             for (int64_t m = 0; m < M; ++m)
               for (int64_t j = 0; j < nb; ++j) C[m * H + j] += bdn[it.e * H + it.n0 + j];

@@ -161,7 +161,8 @@ struct F32Ops {
 template <int MR, int NR, class Ops>
 MOEOPS_AVX512BF16 inline void dot_block_512(const typename Ops::TA* A, int64_t lda, const typename Ops::TB* B,
                                             int64_t ldb, int64_t K, float* C, int64_t ldc, bool accumulate,
-                                            const typename Ops::TB* prefetch = nullptr) {
+                                            const typename Ops::TB* prefetch = nullptr, int pf_part = 0,
+                                            int pf_parts = 1) {
   using TB = typename Ops::TB;
   constexpr int S = Ops::kStep;
   __m512 acc[MR][NR];
@@ -171,7 +172,8 @@ MOEOPS_AVX512BF16 inline void dot_block_512(const typename Ops::TA* A, int64_t l
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + S <= K; k += S) {
-    if (prefetch && (k * static_cast<int64_t>(sizeof(TB))) % 64 == 0)  // one prefetch per line
+    if (prefetch && (k * static_cast<int64_t>(sizeof(TB))) % 64 == 0 &&
+        (k * static_cast<int64_t>(sizeof(TB)) / 64) % pf_parts == pf_part)  // one prefetch per line
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
     typename Ops::V a[MR];
@@ -216,17 +218,20 @@ MOEOPS_AVX512BF16 inline void dot_block_512(const typename Ops::TA* A, int64_t l
 }
 
 // C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T with dot_block_512: a 4-row weight panel stays in L1
-// while the rows stream past it 6 at a time (24 accumulators) and the first row block prefetches
-// the next panel; decode (M == 1) streams 8 weight rows at a time.
+// while the rows stream past it 6 at a time (24 accumulators); the row blocks share the
+// prefetch of the next panel (each a slice of its lines), so its memory reads spread over the
+// whole panel's arithmetic. `after` (optional): the weights of the caller's next call (same
+// ldb), prefetched during the last panel so that a new expert's first panel is not a cold start.
+// Decode (M == 1) streams 8 weight rows at a time.
 template <class Ops>
 void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename Ops::TB* B, int64_t ldb, int64_t N,
-             int64_t K, float* C, int64_t ldc, bool accumulate) {
+             int64_t K, float* C, int64_t ldc, bool accumulate, const typename Ops::TB* after = nullptr) {
   using TB = typename Ops::TB;
   if (M == 1) {
     int64_t n = 0;
     for (; n + 8 <= N; n += 8)
       dot_block_512<1, 8, Ops>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate,
-                               N - n >= 16 ? B + (n + 8) * ldb : nullptr);
+                               N - n >= 16 ? B + (n + 8) * ldb : after);
     for (; n < N; ++n) dot_block_512<1, 1, Ops>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
     return;
   }
@@ -234,20 +239,22 @@ void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename O
     const TB* Bn = B + n * ldb;
     float* Cn = C + n;
     if (N - n >= 4) {
-      const TB* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
+      const TB* pf = N - n >= 8 ? Bn + 4 * ldb : after;
+      const int parts = static_cast<int>(M / 6 + (M % 6 ? 1 : 0));  // row blocks sharing the prefetch
       int64_t m = 0;
       for (; m + 6 <= M; m += 6)
-        dot_block_512<6, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, m == 0 ? next : nullptr);
-      const TB* pf = m == 0 ? next : nullptr;
+        dot_block_512<6, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf,
+                                 static_cast<int>(m / 6), parts);
+      const int part = parts - 1;
       switch (M - m) {
         case 5:
-          dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf);
+          dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf, part, parts);
           dot_block_512<2, 4, Ops>(A + (m + 3) * lda, lda, Bn, ldb, K, Cn + (m + 3) * ldc, ldc, accumulate);
           break;
-        case 4: dot_block_512<4, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 3: dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 2: dot_block_512<2, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
-        case 1: dot_block_512<1, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf); break;
+        case 4: dot_block_512<4, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf, part, parts); break;
+        case 3: dot_block_512<3, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf, part, parts); break;
+        case 2: dot_block_512<2, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf, part, parts); break;
+        case 1: dot_block_512<1, 4, Ops>(A + m * lda, lda, Bn, ldb, K, Cn + m * ldc, ldc, accumulate, pf, part, parts); break;
         default: break;
       }
     } else {
@@ -270,9 +277,10 @@ void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename O
 // K is not blocked: measured on this CPU, the 3x4 block reaches ~89 GFLOP/s per core over
 // K=2048 and only 54 (K=256) / 82 (K=512) when K is cut, because every block ends with 12
 // horizontal sums.
+// `after` (512-bit tier): the next call's weights, prefetched during the last panel (dot_512).
 template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
-              float* C, int64_t ldc, bool accumulate = false) {
+              float* C, int64_t ldc, bool accumulate = false, const W* after = nullptr) {
 #ifdef MOEOPS_HAS_AVX2_PATH
   if (use_avx2()) {
     // Narrow weights with enough rows to reuse them: widen each 4-row panel to fp32 once
@@ -291,7 +299,7 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       }
     }
     if (use_avx512bf16()) {  // 512-bit FMAs (dot_512)
-      dot_512<F32Ops<W>>(A, lda, M, B, ldb, N, K, C, ldc, accumulate);
+      dot_512<F32Ops<W>>(A, lda, M, B, ldb, N, K, C, ldc, accumulate, after);
       return;
     }
     if (M == 1) {  // decode: stream weights, 8 rows in flight
@@ -352,17 +360,20 @@ constexpr int64_t kBf16KChunk = 2048;
 // AVX512-BF16 (only called when use_avx512bf16()). Like gemm_dot: a 4-row weight panel stays in
 // L1 while the rows stream past it, 6 rows at a time (24 accumulators), and the next panel is
 // prefetched meanwhile; decode (M == 1) streams 8 weight rows at a time. K beyond kBf16KChunk is
-// done in passes (the same passes whatever M is).
+// done in passes (the same passes whatever M is). `after`: as for dot_512 (the next call's B).
 inline void gemm_dot_bf16(const c10::BFloat16* A, int64_t lda, int64_t M, const c10::BFloat16* B, int64_t ldb,
-                          int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate = false) {
+                          int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate = false,
+                          const c10::BFloat16* after = nullptr) {
 #ifdef MOEOPS_HAS_AVX2_PATH
   int64_t k0 = 0;
   do {  // at least one pass: K = 0 writes zeros (or leaves C when accumulating)
-    dot_512<Bf16Ops>(A + k0, lda, M, B + k0, ldb, N, std::min(kBf16KChunk, K - k0), C, ldc, accumulate || k0 > 0);
-    k0 += kBf16KChunk;
+    const int64_t k1 = k0 + kBf16KChunk;  // the next pass starts on B's first panel again
+    dot_512<Bf16Ops>(A + k0, lda, M, B + k0, ldb, N, std::min(kBf16KChunk, K - k0), C, ldc, accumulate || k0 > 0,
+                     k1 < K ? B + k1 : after);
+    k0 = k1;
   } while (k0 < K);
 #else
-  (void)A, (void)lda, (void)M, (void)B, (void)ldb, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate;
+  (void)A, (void)lda, (void)M, (void)B, (void)ldb, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate, (void)after;
   throw std::logic_error("moeops: gemm_dot_bf16 needs an x86-64 build");
 #endif
 }
