@@ -45,10 +45,13 @@ MOEOPS_AVX2 inline float hsum8(__m256 v) {
 
 // MR x NR accumulators of 8 lanes each; K in steps of 8, scalar tail.
 // `prefetch`: the next weight panel (NR rows, stride ldb), pulled into L2 during this block's
-// k-loop so that its memory reads overlap this panel's arithmetic; null for none.
+// k-loop so that its memory reads overlap this panel's arithmetic; null for none. With
+// pf_parts > 1 the block takes only the lines l with l % pf_parts == pf_part (the panel's row
+// blocks share the prefetch).
 template <int MR, int NR, class W>
 MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K, float* C,
-                                       int64_t ldc, bool accumulate, const W* prefetch = nullptr) {
+                                       int64_t ldc, bool accumulate, const W* prefetch = nullptr, int pf_part = 0,
+                                       int pf_parts = 1) {
   __m256 acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -56,8 +59,9 @@ MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, 
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    // one prefetch per 64-byte line of each next-panel row
-    if (prefetch && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
+    // one prefetch per 64-byte line of each next-panel row (this block's share of the lines)
+    if (prefetch && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0 &&
+        (k * static_cast<int64_t>(sizeof(W)) / 64) % pf_parts == pf_part)
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
     __m256 a[MR];
@@ -277,7 +281,7 @@ void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename O
 // K is not blocked: measured on this CPU, the 3x4 block reaches ~89 GFLOP/s per core over
 // K=2048 and only 54 (K=256) / 82 (K=512) when K is cut, because every block ends with 12
 // horizontal sums.
-// `after` (512-bit tier): the next call's weights, prefetched during the last panel (dot_512).
+// `after`: the next call's weights (same ldb), prefetched during the last panel.
 template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
               float* C, int64_t ldc, bool accumulate = false, const W* after = nullptr) {
@@ -293,6 +297,12 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
         for (int64_t n = 0; n < N; n += 4) {
           const int64_t nr = std::min<int64_t>(4, N - n);
           for (int64_t j = 0; j < nr; ++j) widen_row_avx2(B + (n + j) * ldb, panel.data() + j * K, K);
+          // the next panel's rows (or the next call's) head for L2 while this one is multiplied
+          const W* next = N - n > 4 ? B + (n + 4) * ldb : after;
+          if (next)
+            for (int64_t j = 0; j < 4; ++j)
+              for (int64_t b = 0; b < K * static_cast<int64_t>(sizeof(W)); b += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb) + b, _MM_HINT_T1);
           gemm_dot<float>(A, lda, M, panel.data(), K, nr, K, C + n, ldc, accumulate);
         }
         return;
@@ -314,15 +324,18 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       int64_t m = 0;
       if (nr == 4) {
         // 3-row blocks; a remainder of 1 row becomes two 2-row blocks (a 1x4 block runs at a
-        // third of the FMA rate). The first block prefetches the next panel.
-        const W* next = N - n >= 8 ? Bn + 4 * ldb : nullptr;
+        // third of the FMA rate). The blocks share the prefetch of the next panel (or of the
+        // next call's weights).
+        const W* next = N - n >= 8 ? Bn + 4 * ldb : after;
         const int64_t m3 = M % 3 == 1 && M >= 4 ? M - 4 : M - M % 3;
+        const int parts = static_cast<int>(m3 / 3 + (M - m3) / 2 + (M - m3) % 2);
+        int part = 0;
         for (; m < m3; m += 3)
-          dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
+          dot_block_avx2<3, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, next, part++, parts);
         for (; m + 2 <= M; m += 2)
-          dot_block_avx2<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
+          dot_block_avx2<2, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, next, part++, parts);
         for (; m < M; ++m)
-          dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, m == 0 ? next : nullptr);
+          dot_block_avx2<1, 4>(A + m * lda, lda, Bn, ldb, K, C + m * ldc + n, ldc, accumulate, next, part++, parts);
       } else {
         for (int j = 0; j < nr; ++j) {
           for (m = 0; m + 3 <= M; m += 3)
