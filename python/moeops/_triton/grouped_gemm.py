@@ -137,15 +137,9 @@ def _autotune_enabled() -> bool:
 
 def _cuda_time_ms(fn, reps: int = 5) -> float:
     """Median CUDA-event time of ``fn()`` over ``reps`` runs (after the caller's warm-up)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    from moeops.benchmark import _timer
+    times = _timer(torch.device("cuda"))(fn, reps)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def _tune(key, candidates, launch, timer=_cuda_time_ms):
