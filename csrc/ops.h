@@ -61,6 +61,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_c
 // "mma" (never CUTLASS); initial value from MOEOPS_CUDA_GEMM. Returns the name set.
 std::string set_cuda_gemm_path(const std::string& name);
 std::string cuda_gemm_path();
+// Bound on one CUDA fused_experts call's device scratch (bytes; initial value from
+// MOEOPS_CUDA_WORKSPACE_MB, default 4096 MiB): larger calls run in token chunks. The setter
+// returns the previous bound.
+int64_t cuda_workspace_limit();
+int64_t set_cuda_workspace_limit(int64_t bytes);
 #endif
 
 // MoE-X (csrc/moex): router statistics, sparsity-aware routing, ReLU experts with a sparse

@@ -110,6 +110,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_gemm_path", &moeops::set_cuda_gemm_path, pybind11::arg("name"),
         "Kernel for 16-bit grouped GEMMs on Hopper: 'auto', 'sm90' (CUTLASS) or 'mma'. Returns it.");
   m.def("cuda_gemm_path", &moeops::cuda_gemm_path, "The CUDA grouped GEMM path in use");
+  m.def("cuda_workspace_limit", &moeops::cuda_workspace_limit,
+        "Bytes of device scratch one CUDA fused-experts call may allocate before it runs in token chunks");
+  m.def("set_cuda_workspace_limit", &moeops::set_cuda_workspace_limit, pybind11::arg("bytes"),
+        "Set the CUDA fused-experts scratch bound (bytes); returns the previous one.");
 #endif
   m.attr("cuda_compiler_version") = MOEOPS_BUILD_NVCC_VERSION;
   m.attr("cuda_skip_reason") = MOEOPS_BUILD_CUDA_REASON;

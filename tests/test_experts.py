@@ -432,6 +432,21 @@ def test_fused_experts_token_chunks_bit_identical(cpu_isa, dtype, limit):
         moeops._C.set_cpu_workspace_limit(0)
 
 
+@pytest.mark.skipif(not moeops._C.with_cuda, reason="a CPU-only build has no CUDA workspace setting")
+def test_cuda_workspace_limit_setting():
+    """The CUDA fused layer's scratch bound (its chunking runs in tests/test_reliability_cuda.py
+    on a GPU); the setting itself needs only a CUDA build."""
+    before = moeops._C.cuda_workspace_limit()
+    assert before >= 1
+    try:
+        assert moeops._C.set_cuda_workspace_limit(12345) == before
+        assert moeops._C.cuda_workspace_limit() == 12345
+        with pytest.raises(ValueError, match="bytes must be >= 1"):
+            moeops._C.set_cuda_workspace_limit(0)
+    finally:
+        moeops._C.set_cuda_workspace_limit(before)
+
+
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu")])
 def test_fused_experts_gradients(device, gated, activation):
     _on(device, "fused_experts")

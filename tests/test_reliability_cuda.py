@@ -405,3 +405,30 @@ def test_moex_experts_cuda_long_prompt_runs_in_chunks():
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     diff = (active.cpu() - want_active).abs()
     assert int(diff.sum()) <= 1 + 0.01 * float(want_active.sum()), int(diff.sum())
+
+
+def test_cuda_layer_runs_in_token_chunks_above_the_workspace_limit():
+    """A fused_experts call whose device scratch would pass moeops._C.cuda_workspace_limit()
+    runs in token chunks (the last one small enough for the decode kernel here): same result as
+    one pass to rounding, shared expert and its [T] gate sliced with the tokens."""
+    T, K, E, H, I = 50, 2, 8, 64, 32
+    g = tp._gen(11)
+    h = tp._randn((T, H), torch.bfloat16, g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+    w = torch.rand(T, K, generator=g)
+    w_up = tp._randn((E, 2 * I, H), torch.bfloat16, g, H ** -0.5)
+    w_down = tp._randn((E, H, I), torch.bfloat16, g, I ** -0.5)
+    shared, gate = tp._randn((T, H), torch.bfloat16, g), torch.rand(T, generator=g)
+    args = [t.cuda() for t in (h, ids, w, w_up, w_down)]
+    kw = dict(shared_out=shared.cuda(), shared_gate=gate.cuda())
+    whole = _ops.fused_experts(*args, **kw)
+    per_token = K * (H * 2 + 2 * I * 2 + I * 4 + H * 4) + H * 4
+    before = moeops._C.set_cuda_workspace_limit(20 * per_token)  # chunks of 20, 20, 10 tokens
+    try:
+        chunked = _ops.fused_experts(*args, **kw)
+    finally:
+        moeops._C.set_cuda_workspace_limit(before)
+    want = ref.fused_experts(h, ids, w, w_up, w_down, shared_out=shared, shared_gate=gate)
+    for got in (whole, chunked):
+        torch.testing.assert_close(got.cpu().float(), want.float(), **CUDA_MM_TOL[torch.bfloat16])
+    torch.testing.assert_close(chunked.float(), whole.float(), rtol=1e-2, atol=1e-2)

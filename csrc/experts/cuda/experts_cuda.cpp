@@ -147,6 +147,58 @@ struct StatsOut {
   Tensor norms, out_max, channel, in_max, active;
 };
 
+// Bound on the device scratch of one fused_experts call (see set_cuda_workspace_limit).
+std::atomic<int64_t>& cuda_workspace_limit_ref() {
+  static std::atomic<int64_t> limit = [] {
+    const char* env = std::getenv("MOEOPS_CUDA_WORKSPACE_MB");
+    const long long mb = env ? std::atoll(env) : 0;
+    return static_cast<int64_t>(mb > 0 ? mb : 4096) << 20;
+  }();
+  return limit;
+}
+
+// Device scratch bytes per token of the fused layer: gathered rows (hidden dtype), gate|up (the
+// sm90 path), the activation (fp32 at most), per-slot fp32 outputs, and the token's fp32 sum.
+int64_t cuda_layer_bytes_per_token(const ExpertsDims& d, int64_t hidden_bytes) {
+  return d.K * (d.H * hidden_bytes + d.n_up * hidden_bytes + d.I * 4 + d.H * 4) + d.H * 4;
+}
+
+Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in,
+                               const Tensor& w_up_in, const Tensor& w_down_in, const std::optional<Tensor>& b_up,
+                               const std::optional<Tensor>& b_down, const ExpertsDims& d, bool gated,
+                               const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                               const std::optional<Tensor>& shared_gate, const StatsOut* st);
+
+// fused_experts without statistics: one fused_experts_cuda_impl pass, or token chunks of one
+// when the call's scratch would pass the workspace limit (each token's result is computed the
+// same way in a chunk, up to which GEMM kernel the chunk's size selects).
+Tensor fused_experts_cuda_chunked(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
+                                  const Tensor& w_down, const std::optional<Tensor>& b_up,
+                                  const std::optional<Tensor>& b_down, const ExpertsDims& d, bool gated,
+                                  const std::optional<Tensor>& gain, const std::optional<Tensor>& shared_out,
+                                  const std::optional<Tensor>& shared_gate) {
+  const int64_t per_token = std::max<int64_t>(1, cuda_layer_bytes_per_token(d, hidden.element_size()));
+  const int64_t tc = std::clamp<int64_t>(cuda_workspace_limit_ref().load() / per_token, 1, std::max<int64_t>(d.T, 1));
+  if (tc >= d.T)
+    return fused_experts_cuda_impl(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
+                                   shared_gate, nullptr);
+  check_cuda_tensor(hidden, "hidden");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  Tensor out = at::empty({d.T, d.H}, hidden.options());
+  auto rows = [](const std::optional<Tensor>& t, int64_t t0, int64_t n) {  // [T] gates become [T, 1]
+    return t.has_value() ? std::optional<Tensor>(t->reshape({t->size(0), -1}).narrow(0, t0, n)) : std::nullopt;
+  };
+  for (int64_t t0 = 0; t0 < d.T; t0 += tc) {
+    const int64_t n = std::min(tc, d.T - t0);
+    ExpertsDims dc = d;
+    dc.T = n;
+    out.narrow(0, t0, n).copy_(fused_experts_cuda_impl(
+        hidden.narrow(0, t0, n), ids.narrow(0, t0, n), weights.narrow(0, t0, n), w_up, w_down, b_up, b_down, dc,
+        gated, gain, rows(shared_out, t0, n), rows(shared_gate, t0, n), nullptr));
+  }
+  return out;
+}
+
 // fused_experts on CUDA; with `st`, also its statistics, computed from the per-row outputs and
 // the down projection's inputs right after the down projection.
 Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const Tensor& weights_in,
@@ -283,8 +335,8 @@ Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor&
                           const std::optional<Tensor>& shared_gate) {
   const ExpertsDims d =
       check_fused_experts_args(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain);
-  return fused_experts_cuda_impl(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
-                                 shared_gate, nullptr);
+  return fused_experts_cuda_chunked(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
+                                    shared_gate);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_cuda(
@@ -303,6 +355,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_experts_stats_c
   Tensor out = fused_experts_cuda_impl(hidden, ids, weights, w_up, w_down, b_up, b_down, d, gated, gain, shared_out,
                                        shared_gate, &st);
   return {out, st.norms, st.out_max, st.channel, st.in_max, st.active};
+}
+
+int64_t cuda_workspace_limit() { return cuda_workspace_limit_ref().load(); }
+
+int64_t set_cuda_workspace_limit(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes >= 1, "moeops: set_cuda_workspace_limit: bytes must be >= 1, got ", bytes);
+  return cuda_workspace_limit_ref().exchange(bytes);
 }
 
 std::string set_cuda_gemm_path(const std::string& name) {
