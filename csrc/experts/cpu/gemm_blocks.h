@@ -312,9 +312,11 @@ void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, i
       dot_512<F32Ops<W>>(A, lda, M, B, ldb, N, K, C, ldc, accumulate, after);
       return;
     }
-    if (M == 1) {  // decode: stream weights, 8 rows in flight
+    if (M == 1) {  // decode: stream weights, 8 rows in flight, the next 8 prefetched
       int64_t n = 0;
-      for (; n + 8 <= N; n += 8) dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
+      for (; n + 8 <= N; n += 8)
+        dot_block_avx2<1, 8>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate,
+                             N - n >= 16 ? B + (n + 8) * ldb : after);
       for (; n < N; ++n) dot_block_avx2<1, 1>(A, lda, B + n * ldb, ldb, K, C + n, ldc, accumulate);
       return;
     }
