@@ -279,15 +279,16 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
-    cfg = _pick_config(R, E)
     if x.is_cuda and not _interpreting() and _autotune_enabled():
         bound, cands = _shape_class(R, E)
         key = (bound, R.bit_length(), N, K, x.dtype, w.dtype, out.dtype, bias is not None,
                w_transposed, x.device.index)
-        if key in _TUNED:
-            cfg = _TUNED[key]
-        elif not torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():  # never tune inside a graph
+            cfg = _TUNED.get(key, cands[0])
+        else:
             cfg = _tune(key, cands, launch)
+    else:
+        cfg = _pick_config(R, E)
     launch(cfg)
     return out
 
