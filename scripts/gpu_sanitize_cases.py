@@ -114,11 +114,13 @@ def main() -> int:
         out = moeops.combine(rows, w.to(dev), got.inverse, backend="cpp")
         ref = reference.combine(rows.cpu(), w, want[2])
         failures += not torch.allclose(out.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2)
-    # grouped_gemm / fused_experts: decode (T <= 16), tensor-core and SIMT paths, empty experts,
+    # grouped_gemm / fused_experts: decode (T <= 16; fewer rows than experts: blocks find the
+    # experts with rows), tensor-core and SIMT paths, empty experts,
     # odd sizes (tails of every tile), gated and plain experts, biases, gain 0, shared expert
     for T, K, E, H, I, dt in [(1, 2, 8, 64, 32, torch.bfloat16), (5, 2, 4, 40, 24, torch.float32),
                               (37, 4, 6, 72, 40, torch.float16), (130, 2, 8, 256, 96, torch.bfloat16),
-                              (70, 1, 3, 36, 20, torch.float32)]:
+                              (70, 1, 3, 36, 20, torch.float32),
+                              (2, 4, 300, 64, 40, torch.bfloat16)]:  # decode: expert scan in 2 rounds
         g = torch.Generator().manual_seed(T + H)
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
         ids[0, 0] = -1

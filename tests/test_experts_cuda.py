@@ -76,6 +76,42 @@ def test_grouped_gemm_paths(dtype, R, K, N, transposed):
     assert torch.equal(got[R:].cpu(), torch.zeros(3, N, dtype=dtype))  # rows after offsets[E]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_grouped_gemm_blocks_find_the_experts_with_rows(dtype):
+    """The decode kernel launches min(E, R) expert blocks; block y finds the y-th expert with rows
+    by a block scan over the offsets in rounds of 256 experts. Experts with rows in the first,
+    second and third round, empty experts between them, and fewer experts with rows than blocks;
+    N = 44 leaves a last column block whose warps stream one column, not two."""
+    E, Kd, N = 600, 64, 44
+    rows = {0: 2, 255: 1, 256: 3, 257: 1, 511: 2, 512: 1, 599: 2}  # 12 rows, 7 experts
+    counts = torch.zeros(E, dtype=torch.int32)
+    for e, n in rows.items():
+        counts[e] = n
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).int()]) + 1
+    R = int(offsets[-1]) + 2  # one row before offsets[0], two after offsets[E]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(R, Kd, generator=g).to(dtype)
+    w = (torch.randn(E, N, Kd, generator=g) * Kd ** -0.5).to(dtype)
+    got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), backend="cpp")
+    want = reference.grouped_gemm(x, w, offsets)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_fused_experts_with_more_experts_than_one_scan_round(gated):
+    """A decode step over E = 300 experts (two scan rounds), slots in both rounds, empty slots."""
+    E, K, T, H, I = 300, 3, 2, 64, 40
+    ids = torch.tensor([[299, 5, 256], [-1, 255, 299]], dtype=torch.int32)
+    w = torch.rand(T, K, generator=torch.Generator().manual_seed(3))
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    w_up, w_down = _params(E, H, I, gated, torch.bfloat16, 5)
+    act = "silu" if gated else "relu"
+    got = moeops.fused_experts(*(t.cuda() for t in (hidden, ids, w, w_up, w_down)), activation=act, gated=gated,
+                               backend="cpp")
+    want = reference.fused_experts(hidden, ids, w, w_up, w_down, activation=act, gated=gated)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                      (torch.float16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("T", [3, 40])

@@ -9,7 +9,8 @@
 //     thread holds a gate accumulator and its up partner in registers: the SwiGLU epilogue needs
 //     no shared memory and the intermediate [R, 2I] never exists.
 //   * decode (rows per expert <= 16): one warp per output column of one expert reads that weight
-//     row once (16-byte loads where aligned) for all of the expert's rows; no 64-row padding.
+//     row once (16-byte loads where aligned, several in flight per lane) for all of the expert's
+//     rows; no 64-row padding, and blocks only for experts with rows.
 //   * SIMT fallback (fp32, mixed dtypes, [E, K, N] weights, unaligned shapes): 64 x 64 tiles.
 // Tile schedule: tile_start[e] = sum over experts before e of ceil(rows / 64), computed by one
 // block (cub::BlockScan) on the device; GEMM CTAs walk tiles grid-stride and find their expert by
@@ -38,7 +39,8 @@ namespace {
 
 constexpr int kTileRows = 64;  // rows per tile in both tiled kernels (the schedule's unit)
 constexpr int kDecodeRows = 8;  // rows per pass of the decode kernel
-constexpr int kDecodeColsPerBlock = 32;  // 8 warps x 4 columns
+constexpr int kDecodeThreads = 256;     // 8 warps
+constexpr int kDecodeUnroll = 4;         // weight vectors in flight per lane and row
 constexpr int64_t kMaxGridY = 65535;
 
 __device__ __forceinline__ float activate(int act, float x) {
@@ -342,64 +344,125 @@ __global__ void __launch_bounds__(256) grouped_gemm_simt_kernel(GroupedGemmParam
 }
 
 // ---------------------------------------------------------------- decode
+// V consecutive elements as one load (16 bytes for V = 16 / sizeof(T)), kept packed in
+// registers until used.
 template <class T, int V>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&f)[V]) {
-  if constexpr (V == 1) {
-    f[0] = to_float(ptr[0]);
-  } else {
-    struct alignas(sizeof(T) * V) Pack {
-      T v[V];
-    };
-    const Pack pk = *reinterpret_cast<const Pack*>(ptr);
-#pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = to_float(pk.v[i]);
-  }
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <class T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
+  return *reinterpret_cast<const Pack<T, V>*>(ptr);
 }
 
-// grid (column blocks, E): a warp owns output column c of expert blockIdx.y and reads its weight
-// row(s) once per kDecodeRows rows of that expert (every row when the expert has <= 8).
-// V elements per load (16 bytes when K, lda and the pointers allow it).
+// The expert of decode block `y` when the grid has fewer rows than experts (gridDim.y < E): the
+// y-th expert with rows (-1 when fewer than y + 1 have any). Every thread tests experts t,
+// t + 256, ...; a block scan ranks them. One round of offset loads for E <= 256.
+__device__ __forceinline__ int nth_expert_with_rows(const GroupedGemmParams& p, int y) {
+  using Scan = cub::BlockScan<int, kDecodeThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int found;
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
+  int before = 0;  // experts with rows in the earlier rounds (block-uniform)
+  for (int e0 = 0; e0 < p.E; e0 += kDecodeThreads) {
+    const int e = e0 + static_cast<int>(threadIdx.x);
+    int has = 0;
+    if (e < p.E) {
+      int64_t lo, hi;
+      expert_rows(p, e, lo, hi);
+      has = hi > lo;
+    }
+    int rank, total;
+    Scan(scan_tmp).ExclusiveSum(has, rank, total);
+    if (has && before + rank == y) found = e;
+    before += total;
+    __syncthreads();  // `found` visible; scan_tmp free for the next round
+    if (before > y) break;
+  }
+  return found;
+}
+
+// Output columns per decode block: a warp streams two weight rows at once, the gate and up rows
+// of one column (GatedAct) or two columns (otherwise), and makes two such passes.
+__host__ __device__ constexpr int decode_cols_per_block(bool gated) {
+  return (kDecodeThreads / 32) * (gated ? 1 : 2) * 2;
+}
+
+// grid (column blocks, min(E, R)): block y takes expert y when the grid covers every expert,
+// else the y-th expert with rows (a decode step uses a few of many experts, and blocks of
+// unused experts would still cost their scheduling). Each warp streams two weight rows per
+// pass (decode_cols_per_block) and reads them once per kDecodeRows rows of that expert (every
+// row when the expert has <= 8). V elements per load (16 bytes when K, lda and the pointers
+// allow it); each lane issues kDecodeUnroll loads of each row before using them, so a warp has
+// 2 x kDecodeUnroll x 32 x 16 bytes of weights in flight: the kernel is bound by memory latency
+// x bytes in flight, not by arithmetic, and one block per SM is enough (the unrolled loads take
+// registers). The products of one lane are summed in the order k = lane V, lane V + 32 V, ...
 template <class TA, class TW, class TO, int V>
-__global__ void __launch_bounds__(256) grouped_gemm_decode_kernel(GroupedGemmParams p) {
-  const int e = blockIdx.y;
+__global__ void __launch_bounds__(kDecodeThreads, 1) grouped_gemm_decode_kernel(GroupedGemmParams p) {
+  const int e = static_cast<int>(gridDim.y) >= p.E ? static_cast<int>(blockIdx.y)
+                                                   : nth_expert_with_rows(p, static_cast<int>(blockIdx.y));
+  if (e < 0) return;
   int64_t lo, hi;
   expert_rows(p, e, lo, hi);
   if (hi <= lo) return;
+  constexpr int kWarps = kDecodeThreads / 32;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool gated = p.epilogue == Epilogue::GatedAct;
   const TA* A = static_cast<const TA*>(p.a);
   const TW* We = static_cast<const TW*>(p.w) + static_cast<int64_t>(e) * p.N_w * p.K;
-  const int64_t c_end = min(p.N_out, static_cast<int64_t>(blockIdx.x + 1) * kDecodeColsPerBlock);
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kDecodeColsPerBlock + warp; c < c_end; c += 8) {
-    const TW* wg = We + c * p.K;
-    const TW* wu = gated ? We + (p.gated_half + c) * p.K : wg;
+  const int64_t cols = decode_cols_per_block(gated);
+  const int64_t c_end = min(p.N_out, static_cast<int64_t>(blockIdx.x + 1) * cols);
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * cols + warp; c < c_end; c += gated ? kWarps : 2 * kWarps) {
+    const int64_t c2 = c + kWarps;          // the pass's second column (not gated)
+    const bool two = gated || c2 < c_end;   // warp-uniform: a second weight row to stream
+    const TW* w0 = We + c * p.K;
+    const TW* w1 = We + (gated ? p.gated_half + c : (two ? c2 : c)) * p.K;
     for (int64_t m0 = lo; m0 < hi; m0 += kDecodeRows) {
       const int nr = static_cast<int>(min(static_cast<int64_t>(kDecodeRows), hi - m0));
-      float ag[kDecodeRows], au[kDecodeRows];
+      float acc0[kDecodeRows], acc1[kDecodeRows];
 #pragma unroll
-      for (int m = 0; m < kDecodeRows; ++m) ag[m] = au[m] = 0.f;
-      for (int64_t k = static_cast<int64_t>(lane) * V; k < p.K; k += 32 * V) {
-        float g[V], u[V];
-        load_vec<TW, V>(wg + k, g);
-        if (gated) load_vec<TW, V>(wu + k, u);
+      for (int m = 0; m < kDecodeRows; ++m) acc0[m] = acc1[m] = 0.f;
+      for (int64_t k0 = static_cast<int64_t>(lane) * V; k0 < p.K; k0 += 32 * V * kDecodeUnroll) {
+        Pack<TW, V> b0[kDecodeUnroll], b1[kDecodeUnroll];
 #pragma unroll
-        for (int m = 0; m < kDecodeRows; ++m) {
-          if (m >= nr) break;
-          float a[V];
-          load_vec<TA, V>(A + (m0 + m) * p.lda + k, a);
+        for (int j = 0; j < kDecodeUnroll; ++j) {  // all loads first: they overlap
+          const int64_t k = k0 + j * 32 * V;
+          if (k < p.K) {
+            b0[j] = load_pack<TW, V>(w0 + k);
+            if (two) b1[j] = load_pack<TW, V>(w1 + k);
+          }
+        }
 #pragma unroll
-          for (int i = 0; i < V; ++i) {
-            ag[m] = fmaf(a[i], g[i], ag[m]);
-            if (gated) au[m] = fmaf(a[i], u[i], au[m]);
+        for (int j = 0; j < kDecodeUnroll; ++j) {
+          const int64_t k = k0 + j * 32 * V;
+          if (k >= p.K) break;
+#pragma unroll
+          for (int m = 0; m < kDecodeRows; ++m) {
+            if (m >= nr) break;
+            const Pack<TA, V> a = load_pack<TA, V>(A + (m0 + m) * p.lda + k);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              const float ai = to_float(a.v[i]);
+              acc0[m] = fmaf(ai, to_float(b0[j].v[i]), acc0[m]);
+              if (two) acc1[m] = fmaf(ai, to_float(b1[j].v[i]), acc1[m]);
+            }
           }
         }
       }
 #pragma unroll
       for (int m = 0; m < kDecodeRows; ++m) {
         if (m >= nr) break;
-        const float sg = warp_sum(ag[m]);
-        const float su = gated ? warp_sum(au[m]) : 0.f;
-        if (lane == 0) store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, sg, su));
+        const float s0 = warp_sum(acc0[m]);
+        const float s1 = two ? warp_sum(acc1[m]) : 0.f;
+        if (lane != 0) continue;
+        if (gated) {
+          store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, s1));
+        } else {
+          store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, 0.f));
+          if (two) store_out<TO>(p, m0 + m, c2, epilogue_value(p, e, c2, s1, 0.f));
+        }
       }
     }
   }
@@ -447,19 +510,21 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
 
   // decode: few rows per expert, [E, N, K] weights, E fits grid.y
   if (max_rows_per_expert <= 16 && !p.w_transposed && p.E <= kMaxGridY) {
-    const dim3 grid(static_cast<unsigned>((p.N_out + kDecodeColsPerBlock - 1) / kDecodeColsPerBlock),
-                    static_cast<unsigned>(p.E));
+    // at most R experts have rows: a decode step launches blocks for those, not for all E
+    const int64_t cols = decode_cols_per_block(p.epilogue == Epilogue::GatedAct);
+    const dim3 grid(static_cast<unsigned>((p.N_out + cols - 1) / cols),
+                    static_cast<unsigned>(std::min<int64_t>(p.E, p.R)));
     const int ea = elem_bytes(p.a_dtype);
     const bool vec = p.a_dtype == p.w_dtype && p.K % (16 / ea) == 0 && p.lda % (16 / ea) == 0 && aligned16(p.a) &&
                      aligned16(p.w);
     dispatch_types(p, [&]<class TA, class TW, class TO>() {
       if constexpr (std::is_same_v<TA, TW>) {
         if (vec) {
-          grouped_gemm_decode_kernel<TA, TW, TO, 16 / sizeof(TA)><<<grid, 256, 0, stream>>>(p);
+          grouped_gemm_decode_kernel<TA, TW, TO, 16 / sizeof(TA)><<<grid, kDecodeThreads, 0, stream>>>(p);
           return;
         }
       }
-      grouped_gemm_decode_kernel<TA, TW, TO, 1><<<grid, 256, 0, stream>>>(p);
+      grouped_gemm_decode_kernel<TA, TW, TO, 1><<<grid, kDecodeThreads, 0, stream>>>(p);
     });
     check_cuda(cudaGetLastError(), "grouped_gemm decode kernel launch");
     return;
