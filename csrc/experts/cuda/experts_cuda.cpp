@@ -60,10 +60,12 @@ std::atomic<int>& gemm_path() {
   return path;
 }
 
-// Rows per expert from which `auto` takes the CUTLASS sm_90a kernel (128-row tiles) over the
-// mma.sync one (64-row tiles). A first guess, to be tuned on an H200 with
-// `moeops bench --suite gemm --device cuda`.
-constexpr int64_t kSm90MinAvgRows = 64;
+// Rows per expert on average from which `auto` takes the CUTLASS sm_90a kernel over the
+// mma.sync one. Both use 64-row tiles below 128 rows per expert (experts_sm90.cu), so padding
+// is the same and CUTLASS's deeper TMA pipeline should win wherever the GEMM streams weights;
+// below 16 the decode kernel runs anyway. A reasoned first value, to be checked on an H200 with
+// `moeops bench --suite gemm --device cuda` (it prints sm90 and mma side by side).
+constexpr int64_t kSm90MinAvgRows = 16;
 
 // True when the grouped GEMM `p` (Store epilogue, no bias) should run on the sm_90a kernel.
 bool want_sm90(const cuda::GroupedGemmParams& p, int64_t max_rows_per_expert, int major) {

@@ -1,11 +1,15 @@
 // Hopper grouped GEMM for expert-grouped rows, on CUTLASS 3 (headers from the nvidia-cutlass
 // package; see docs/design.md for why CUTLASS here and hand-written mma.sync elsewhere).
 //
-// One kernel per (input dtype, output dtype): CUTLASS's pointer-array grouped GEMM with the
-// warp-specialized cooperative schedule (two consumer warpgroups on a 128 x 256 x 64 CTA tile,
-// 2 x 1 clusters, TMA loads multicast across the cluster, wgmma, a TMA-store epilogue). It is
-// persistent: one CTA per SM walks the tiles of every group, so a group of zero rows costs one
-// comparison. The problem list (M_e, N, K), the per-group base pointers and the strides are
+// Two kernels per (input dtype, output dtype), CUTLASS's pointer-array grouped GEMM with 2 x 1
+// clusters, TMA loads multicast across the cluster, wgmma and a TMA-store epilogue:
+//   * wide: the warp-specialized cooperative schedule, two consumer warpgroups on one 128 x 256
+//     x 64 CTA tile, for groups of more than 128 rows on average with N > 128;
+//   * narrow: the ping-pong schedule, two consumer warpgroups alternating on 64 x 128 x 128
+//     tiles, for fewer rows per group (e.g. DeepSeek-V3's 256 experts at 4k tokens: ~128 rows,
+//     where 128-row tiles would leave much of a group's last tile empty) or narrow N.
+// The split is the one torch._grouped_mm makes on sm_90. Both are persistent: one CTA per SM
+// walks the tiles of every group, so a group of zero rows costs one comparison. The problem list (M_e, N, K), the per-group base pointers and the strides are
 // written by setup_kernel from the device offsets, so nothing here waits for the host and the
 // launch can be captured in a CUDA graph. Row offsets live in the per-group base pointers
 // (64-bit), so long prompts do not overflow 32-bit element offsets.
@@ -39,27 +43,45 @@ namespace {
 
 using namespace cute;
 
-template <class TIn, class TOut>
+// The two tile configurations (see the top of the file).
+struct WideTiles {
+  using TileShape = Shape<_128, _256, _64>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct NarrowTiles {
+  using TileShape = Shape<_64, _128, _128>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+// Narrow tiles for <= 128 rows per expert on average or N <= 128 (the host knows R and E, not
+// the per-expert counts, which stay on the device).
+bool use_narrow_tiles(const GroupedGemmParams& p) { return p.R <= 128 * static_cast<int64_t>(p.E) || p.N_w <= 128; }
+
+template <class TIn_, class TOut_, class Tiles>
 struct Sm90Gemm {
+  using TIn = TIn_;
+  using TOut = TOut_;
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
   using LayoutA = cutlass::layout::RowMajor;     // rows [M, K]
   using LayoutB = cutlass::layout::ColumnMajor;  // w[e] is [N, K]: B = w[e]^T, K-major
   using LayoutD = cutlass::layout::RowMajor;     // out [M, N]
   static constexpr int kAlignIn = 16 / sizeof(TIn);
   static constexpr int kAlignOut = 16 / sizeof(TOut);
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = typename Tiles::TileShape;
   using ClusterShape = Shape<_2, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, LayoutD*, kAlignOut,  // no source operand C
-      TOut, LayoutD*, kAlignOut, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      TOut, LayoutD*, kAlignOut, typename Tiles::EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<TOut, float, void, float>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TIn, LayoutA*, kAlignIn, TIn, LayoutB*, kAlignIn, float,
       TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Tiles::KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
@@ -111,9 +133,9 @@ struct Arrays {
 
 // One thread per expert: rows [lo, hi) of expert e (offsets clamped to [0, R] as in
 // launch_grouped_gemm) become the group (hi - lo, N, K) with base pointers at row lo.
-template <class G, class TIn, class TOut>
-__global__ void setup_kernel(const int32_t* offsets, int E, int64_t R, int N, int K, int64_t lda, const TIn* a,
-                             const TIn* w, TOut* out, Arrays<G> arr) {
+template <class G>
+__global__ void setup_kernel(const int32_t* offsets, int E, int64_t R, int N, int K, int64_t lda,
+                             const typename G::TIn* a, const typename G::TIn* w, typename G::TOut* out, Arrays<G> arr) {
   const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (e >= E) return;
   const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), R);
@@ -166,18 +188,18 @@ typename G::Gemm::Arguments make_args(const Arrays<G>& arr, int E, int device) {
   return args;
 }
 
-template <class TIn, class TOut>
+template <class G>
 size_t workspace_bytes_for(int E, int device) {
-  using G = Sm90Gemm<TIn, TOut>;
   Arrays<G> arr(nullptr, E);  // null-based layout: only the sizes matter here
   return Arrays<G>::bytes(E) + G::Gemm::get_workspace_size(make_args<G>(arr, E, device));
 }
 
-template <class TIn, class TOut>
+template <class G>
 void run(const GroupedGemmParams& p, int device, void* workspace, cudaStream_t stream) {
-  using G = Sm90Gemm<TIn, TOut>;
+  using TIn = typename G::TIn;
+  using TOut = typename G::TOut;
   const Arrays<G> arr(workspace, p.E);
-  setup_kernel<G, TIn, TOut><<<(p.E + 127) / 128, 128, 0, stream>>>(
+  setup_kernel<G><<<(p.E + 127) / 128, 128, 0, stream>>>(
       p.offsets, p.E, p.R, static_cast<int>(p.N_w), static_cast<int>(p.K), p.lda, static_cast<const TIn*>(p.a),
       static_cast<const TIn*>(p.w), static_cast<TOut*>(p.out), arr);
   check_cuda(cudaGetLastError(), "sm90 grouped GEMM setup launch");
@@ -189,13 +211,19 @@ void run(const GroupedGemmParams& p, int device, void* workspace, cudaStream_t s
   check_cuda(cudaGetLastError(), "sm90 grouped GEMM launch");
 }
 
-// Calls f.template operator()<TIn, TOut>() for the supported dtype pair.
+// Calls f.template operator()<G>() with the kernel for p's dtypes and tile configuration.
 template <class F>
-void dispatch(DType in, DType out, F&& f) {
-  if (in == DType::BF16 && out == DType::BF16) return f.template operator()<cutlass::bfloat16_t, cutlass::bfloat16_t>();
-  if (in == DType::BF16 && out == DType::F32) return f.template operator()<cutlass::bfloat16_t, float>();
-  if (in == DType::F16 && out == DType::F16) return f.template operator()<cutlass::half_t, cutlass::half_t>();
-  if (in == DType::F16 && out == DType::F32) return f.template operator()<cutlass::half_t, float>();
+void dispatch(const GroupedGemmParams& p, F&& f) {
+  const bool narrow = use_narrow_tiles(p);
+  auto pick = [&]<class TIn, class TOut>() {
+    if (narrow) return f.template operator()<Sm90Gemm<TIn, TOut, NarrowTiles>>();
+    return f.template operator()<Sm90Gemm<TIn, TOut, WideTiles>>();
+  };
+  const DType in = p.a_dtype, out = p.out_dtype;
+  if (in == DType::BF16 && out == DType::BF16) return pick.template operator()<cutlass::bfloat16_t, cutlass::bfloat16_t>();
+  if (in == DType::BF16 && out == DType::F32) return pick.template operator()<cutlass::bfloat16_t, float>();
+  if (in == DType::F16 && out == DType::F16) return pick.template operator()<cutlass::half_t, cutlass::half_t>();
+  if (in == DType::F16 && out == DType::F32) return pick.template operator()<cutlass::half_t, float>();
   throw std::invalid_argument("moeops: sm90 grouped GEMM: unsupported dtype combination");
 }
 
@@ -213,7 +241,7 @@ bool sm90_grouped_gemm_supported(const GroupedGemmParams& p, int device_major) {
 
 size_t sm90_grouped_gemm_workspace_bytes(const GroupedGemmParams& p, int device) {
   size_t bytes = 0;
-  dispatch(p.a_dtype, p.out_dtype, [&]<class TIn, class TOut>() { bytes = workspace_bytes_for<TIn, TOut>(p.E, device); });
+  dispatch(p, [&]<class G>() { bytes = workspace_bytes_for<G>(p.E, device); });
   return bytes;
 }
 
@@ -226,7 +254,7 @@ void launch_sm90_grouped_gemm(const GroupedGemmParams& p, int device, void* work
   if (p.R <= 0) return;
   if (workspace == nullptr || workspace_bytes < sm90_grouped_gemm_workspace_bytes(p, device))
     throw std::invalid_argument("moeops: sm90 grouped GEMM workspace too small");
-  dispatch(p.a_dtype, p.out_dtype, [&]<class TIn, class TOut>() { run<TIn, TOut>(p, device, workspace, stream); });
+  dispatch(p, [&]<class G>() { run<G>(p, device, workspace, stream); });
 }
 
 }  // namespace moeops::cuda
