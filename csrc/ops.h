@@ -47,6 +47,10 @@ PlanOut route_plan_cuda(const Tensor& ids, int64_t num_experts);
 Tensor permute_cuda(const Tensor& hidden, const Tensor& sorted_slots, int64_t top_k,
                     const std::optional<Tensor>& slot_scale);
 Tensor combine_cuda(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse);
+// combine_cuda with the result rounded once to out_dtype (expert_out's dtype, or fp16/bf16 for
+// fp32 expert_out); internal to the fused layer, not an op.
+Tensor combine_cuda_to(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse,
+                       at::ScalarType out_dtype);
 Tensor grouped_gemm_cuda(const Tensor& x, const Tensor& w, const Tensor& offsets, bool w_transposed);
 Tensor fused_experts_cuda(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& w_up,
                           const Tensor& w_down, const std::optional<Tensor>& b_up,

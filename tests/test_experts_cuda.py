@@ -112,6 +112,24 @@ def test_decode_fused_experts_with_more_experts_than_one_scan_round(gated):
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("H", [64, 66, 65])
+def test_combine_rounds_to_the_hidden_dtype_once(dtype, H):
+    """Without a shared expert the combine kernel writes the hidden dtype itself (fp32 sum, one
+    rounding); with a zero shared term the layer sums in fp32 and casts after. Both must agree
+    bit for bit, for every vector width of the 16-bit store (4, 2 and 1 elements)."""
+    T, E, K, I = 40, 6, 2, 24
+    ids, w = _routing(T, K, E, H)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(H)).to(dtype).cuda()
+    w_up, w_down = (t.cuda() for t in _params(E, H, I, True, dtype, H))
+    args = (hidden, ids.cuda(), w.cuda(), w_up, w_down)
+    direct = moeops.fused_experts(*args, backend="cpp")
+    zeros = torch.zeros(T, H, dtype=dtype, device="cuda")
+    via_fp32 = moeops.fused_experts(*args, shared_out=zeros, backend="cpp")
+    assert direct.dtype == dtype
+    assert torch.equal(direct, via_fp32)
+
+
 @pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                      (torch.float16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("T", [3, 40])

@@ -315,7 +315,9 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
 
-    // 5. deterministic weighted combine in fp32, slot order
+    // 5. deterministic weighted combine in fp32, slot order, rounded once to the hidden dtype
+    //    (in the combine kernel itself unless a shared expert's term is still to be added)
+    if (!shared_out.has_value()) return combine_cuda_to(y, weights, inverse, hidden.scalar_type());
     out32 = combine_cuda(y, weights, inverse);
   } else {
     out32 = at::zeros({T, H}, f32);

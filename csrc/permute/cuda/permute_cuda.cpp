@@ -65,6 +65,11 @@ Tensor permute_cuda(const Tensor& hidden, const Tensor& sorted_slots, int64_t to
 }
 
 Tensor combine_cuda(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse) {
+  return combine_cuda_to(expert_out, weights, inverse, expert_out.scalar_type());
+}
+
+Tensor combine_cuda_to(const Tensor& expert_out, const Tensor& weights, const Tensor& inverse,
+                       at::ScalarType out_dtype) {
   check_combine_args(expert_out, weights, inverse);
   check_cuda_tensor(expert_out, "expert_out");
   const c10::cuda::CUDAGuard guard(expert_out.device());
@@ -73,10 +78,10 @@ Tensor combine_cuda(const Tensor& expert_out, const Tensor& weights, const Tenso
   const Tensor inv = inverse.contiguous();
   const int64_t R = eo.size(0), H = eo.size(1), T = w.size(0), K = w.size(1);
   TORCH_CHECK_VALUE(K <= std::numeric_limits<int32_t>::max(), "moeops: K must fit in int32, got ", K);
-  Tensor out = at::empty({T, H}, eo.options());
+  Tensor out = at::empty({T, H}, eo.options().dtype(out_dtype));
   if (T > 0 && H > 0) {
     cuda::launch_combine(eo.data_ptr(), to_dtype(eo, "expert_out"), R, H, w.data_ptr<float>(),
-                         inv.data_ptr<int32_t>(), T, static_cast<int>(K), out.data_ptr(),
+                         inv.data_ptr<int32_t>(), T, static_cast<int>(K), out.data_ptr(), to_dtype(out, "out"),
                          c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

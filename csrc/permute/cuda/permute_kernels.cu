@@ -222,13 +222,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // out[t] = sum_k w[t,k] * expert_out[inverse[t*K+k]] in fp32, k ascending, exactly as the
-// reference: acc = acc + (w * x) with separate roundings (no FMA contraction).
-template <typename T, int N>
+// reference: acc = acc + (w * x) with separate roundings (no FMA contraction); one rounding to
+// TO (the input dtype, or a 16-bit dtype for fp32 input: the fused layer's final cast).
+template <typename T, typename TO, int N>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const T* __restrict__ expert_out, int64_t R, const float* __restrict__ weights,
-                   const int32_t* __restrict__ inverse, int64_t T_rows, int K, T* __restrict__ out,
+                   const int32_t* __restrict__ inverse, int64_t T_rows, int K, TO* __restrict__ out,
                    int64_t H, int64_t nvec, int tpr_log2) {
   using V = Pack<T, N>;
+  using VO = Pack<TO, N>;
   const int tpr = 1 << tpr_log2;
   const int rows_per_block = kThreads >> tpr_log2;
   const int tx = static_cast<int>(threadIdx.x) & (tpr - 1);
@@ -237,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * rows_per_block + ty; t < T_rows; t += row_stride) {
     const int32_t* inv = inverse + t * K;
     const float* w = weights + t * K;
-    V* dst = reinterpret_cast<V*>(out + t * H);
+    VO* dst = reinterpret_cast<VO*>(out + t * H);
     for (int64_t v = tx; v < nvec; v += tpr) {
       float acc[N];
 #pragma unroll
@@ -250,9 +252,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wk, to_float(x.v[i])));
       }
-      V o;
+      VO o;
 #pragma unroll
-      for (int i = 0; i < N; ++i) o.v[i] = from_float<T>(acc[i]);
+      for (int i = 0; i < N; ++i) o.v[i] = from_float<TO>(acc[i]);
       dst[v] = o;
     }
   }
@@ -292,14 +294,14 @@ void launch_permute_typed(const void* hidden, int64_t T_rows, int64_t H, int64_t
                                                       H, nvec, l);
 }
 
-template <typename T, int N>
+template <typename T, typename TO, int N>
 void launch_combine_typed(const void* expert_out, int64_t R, int64_t H, const float* weights,
                           const int32_t* inverse, int64_t T_rows, int K, void* out, cudaStream_t stream) {
   const int64_t nvec = H / N;
   const int l = tpr_log2_for(nvec);
   const unsigned grid = grid_for(T_rows, kThreads >> l);
-  combine_kernel<T, N><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(expert_out), R, weights, inverse,
-                                                      T_rows, K, static_cast<T*>(out), H, nvec, l);
+  combine_kernel<T, TO, N><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(expert_out), R, weights, inverse,
+                                                          T_rows, K, static_cast<TO*>(out), H, nvec, l);
 }
 
 // Calls f.template operator()<T, N>() for the dtype and a vector of vec_bytes bytes.
@@ -402,15 +404,30 @@ void launch_permute(const void* hidden, DType dtype, int64_t T, int64_t H, int64
 }
 
 void launch_combine(const void* expert_out, DType dtype, int64_t R, int64_t H, const float* weights,
-                    const int32_t* inverse, int64_t T, int K, void* out, cudaStream_t stream) {
+                    const int32_t* inverse, int64_t T, int K, void* out, DType out_dtype, cudaStream_t stream) {
   // K == 0 still writes zeros.
   if (T <= 0 || H <= 0) return;
   if (K < 0) throw std::invalid_argument("moeops::cuda::launch_combine: K must be >= 0");
-  const int es = elem_size(dtype);
-  const int vb = pick_vec_bytes(es, H, H, expert_out, out);
-  dispatch_vec(dtype, vb, [&]<typename T_, int N>() {
-    launch_combine_typed<T_, N>(expert_out, R, H, weights, inverse, T, K, out, stream);
-  });
+  if (out_dtype == dtype) {
+    const int es = elem_size(dtype);
+    const int vb = pick_vec_bytes(es, H, H, expert_out, out);
+    dispatch_vec(dtype, vb, [&]<typename T_, int N>() {
+      launch_combine_typed<T_, T_, N>(expert_out, R, H, weights, inverse, T, K, out, stream);
+    });
+    return;
+  }
+  if (dtype != DType::F32 || out_dtype == DType::F32)
+    throw std::invalid_argument("moeops::cuda::launch_combine: out_dtype must be the input dtype, or 16-bit for fp32 input");
+  // fp32 in, 16-bit out: N elements per access, 4 N bytes read and 2 N written
+  int n = 4;
+  while (n > 1 && !(H % n == 0 && ptr_aligned(expert_out, 4 * n) && ptr_aligned(out, 2 * n))) n /= 2;
+  auto run = [&]<typename TO>() {
+    if (n == 4) return launch_combine_typed<float, TO, 4>(expert_out, R, H, weights, inverse, T, K, out, stream);
+    if (n == 2) return launch_combine_typed<float, TO, 2>(expert_out, R, H, weights, inverse, T, K, out, stream);
+    launch_combine_typed<float, TO, 1>(expert_out, R, H, weights, inverse, T, K, out, stream);
+  };
+  if (out_dtype == DType::BF16) run.template operator()<__nv_bfloat16>();
+  else run.template operator()<__half>();
 }
 
 }  // namespace moeops::cuda

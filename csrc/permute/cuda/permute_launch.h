@@ -17,9 +17,11 @@ void launch_route_plan(const int32_t* ids, int64_t n_slots, int E, int32_t* offs
 void launch_permute(const void* hidden, DType dtype, int64_t T, int64_t H, int64_t hidden_stride,
                     const int32_t* sorted_slots, int64_t R, int top_k, const float* slot_scale,
                     void* out, cudaStream_t stream);
-// out[t] = sum_k weights[t,k] * expert_out[inverse[t*K+k]] in fp32, slot order, skipping -1.
-// expert_out [R, H] contiguous; weights [T, K] fp32 contiguous; out [T, H] contiguous.
+// out[t] = sum_k weights[t,k] * expert_out[inverse[t*K+k]] in fp32, slot order, skipping -1,
+// rounded once to out_dtype: dtype, or fp16/bf16 when dtype is fp32 (the fused layer's per-slot
+// fp32 rows straight to the hidden dtype). expert_out [R, H] contiguous; weights [T, K] fp32
+// contiguous; out [T, H] contiguous.
 void launch_combine(const void* expert_out, DType dtype, int64_t R, int64_t H,
                     const float* weights, const int32_t* inverse, int64_t T, int K, void* out,
-                    cudaStream_t stream);
+                    DType out_dtype, cudaStream_t stream);
 }  // namespace moeops::cuda
