@@ -112,6 +112,34 @@ def test_decode_fused_experts_with_more_experts_than_one_scan_round(gated):
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_reads_hidden_in_place_like_permuted_rows(dtype, gated):
+    """A decode step folds the permute into the up projection (the kernel reads each slot's token
+    row of hidden) when hidden is 16-byte aligned with a row stride of whole 16-byte vectors, and
+    permutes first otherwise (here a view one element off). Same bits either way, and with a
+    wider row stride."""
+    T, E, K, H, I = 5, 8, 2, 64, 48
+    ids, w = _routing(T, K, E, 9)
+    h = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(dtype)
+    w_up, w_down = _params(E, H, I, gated, dtype, 9)
+    act = "silu" if gated else "relu"
+    buf = torch.zeros(T * H + 1, dtype=dtype, device="cuda")
+    buf[1:] = h.flatten().cuda()
+    wide = torch.zeros(T, H + 8, dtype=dtype, device="cuda")
+    wide[:, :H] = h.cuda()
+
+    def layer(hidden):
+        return moeops.fused_experts(hidden, ids.cuda(), w.cuda(), w_up.cuda(), w_down.cuda(), activation=act,
+                                    gated=gated, backend="cpp")
+
+    in_place = layer(h.cuda())
+    assert torch.equal(layer(buf[1:].view(T, H)), in_place)  # misaligned: permuted first
+    assert torch.equal(layer(wide[:, :H]), in_place)
+    want = reference.fused_experts(h, ids, w, w_up, w_down, activation=act, gated=gated)
+    torch.testing.assert_close(in_place.cpu().float(), want.float(), **TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("H", [64, 66, 65])
 def test_combine_rounds_to_the_hidden_dtype_once(dtype, H):

@@ -82,8 +82,11 @@ bool want_sm90(const cuda::GroupedGemmParams& p, int64_t max_rows_per_expert, in
 // Runs one grouped GEMM: a [R, K] (row stride a.stride(0)) x w -> out [R, N_out]. The kernels
 // are instantiated for a and w of one dtype (out: that dtype or fp32) and for fp32 a with 16-bit
 // w (out fp32); 16-bit activations with weights of another dtype are widened to fp32 here.
+// With `a_slots` (decode only; see GroupedGemmParams::a_slots) GEMM row r reads row
+// a_slots[r] / slot_div of a, and the GEMM has a_slots.size(0) rows.
 void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a_in, const Tensor& w, const Tensor& offsets,
-                      const Tensor& out, int64_t max_rows_per_expert) {
+                      const Tensor& out, int64_t max_rows_per_expert, const Tensor& a_slots = Tensor(),
+                      int64_t slot_div = 1) {
   const Tensor a = a_in.scalar_type() != w.scalar_type() && a_in.scalar_type() != at::kFloat
                        ? a_in.to(at::kFloat)
                        : a_in;
@@ -97,6 +100,11 @@ void run_grouped_gemm(cuda::GroupedGemmParams p, const Tensor& a_in, const Tenso
   p.offsets = offsets.data_ptr<int32_t>();
   p.E = static_cast<int>(w.size(0));
   p.R = a.size(0);
+  if (a_slots.defined()) {
+    p.a_slots = a_slots.data_ptr<int32_t>();
+    p.a_slot_div = slot_div;
+    p.R = a_slots.size(0);
+  }
   p.out = out.data_ptr();
   p.out_dtype = to_dtype(out, "out");
   const int major = device_major(a);
@@ -227,10 +235,11 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
       ids = at::where(valid.logical_and(ge.ne(0)), ids, at::full({}, -1, ids.options())).to(at::kInt).contiguous();
       weights = (weights * ge).contiguous();
     }
-    // 2. plan and gather (hidden dtype; empty slots sort last and are never computed)
+    // 2. plan and gather (hidden dtype; empty slots sort last and are never computed). Decode:
+    //    the up projection reads each slot's token row of hidden itself (no permute pass), when
+    //    hidden is aligned like permute's fresh rows, so the kernel and its results are the same.
     auto [offsets, sorted_slots, inverse] = route_plan_cuda(ids, E);
-    const Tensor rows = permute_cuda(hidden, sorted_slots, K, std::nullopt);
-    const int64_t R = rows.size(0);
+    const int64_t R = sorted_slots.size(0);
     const Tensor w_up = w_up_in.contiguous(), w_down = w_down_in.contiguous();
     const Tensor bu = b_up.has_value() ? b_up->to(at::kFloat).contiguous() : Tensor();
     const Tensor bd = b_down.has_value() ? b_down->to(at::kFloat).contiguous() : Tensor();
@@ -244,6 +253,13 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
     up.activation = static_cast<int>(d.act);
     up.gated_half = gated ? I : 0;
     up.bias = bu.defined() ? bu.data_ptr<float>() : nullptr;
+    up.E = static_cast<int>(E);
+    const int64_t hes = hidden.element_size();
+    const bool gather = cuda::grouped_gemm_uses_decode(up, T) &&
+                        gemm_path().load(std::memory_order_relaxed) != static_cast<int>(GemmPath::Sm90) &&
+                        hidden.stride(1) == 1 && hidden.stride(0) % (16 / hes) == 0 &&
+                        reinterpret_cast<uintptr_t>(hidden.data_ptr()) % 16 == 0;
+    const Tensor rows = gather ? hidden : permute_cuda(hidden, sorted_slots, K, std::nullopt);
     // tensor cores take 16-bit operands: the activation is then stored in the hidden dtype (as
     // Hugging Face's experts do); otherwise it stays fp32 (as on the CPU)
     cuda::GroupedGemmParams probe = up;
@@ -274,6 +290,8 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
                                      offsets.data_ptr<int32_t>(), static_cast<int>(E), act.data_ptr(), sms,
                                      c10::cuda::getCurrentCUDAStream().stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (gather) {
+      run_grouped_gemm(up, hidden, w_up, offsets, act, T, sorted_slots, K);
     } else {
       run_grouped_gemm(up, rows, w_up, offsets, act, T);
     }

@@ -421,6 +421,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) grouped_gemm_decode_kernel(
     const TW* w1 = We + (gated ? p.gated_half + c : (two ? c2 : c)) * p.K;
     for (int64_t m0 = lo; m0 < hi; m0 += kDecodeRows) {
       const int nr = static_cast<int>(min(static_cast<int64_t>(kDecodeRows), hi - m0));
+      const TA* arow[kDecodeRows];  // GEMM row m0 + m: row m0 + m of a, or its slot's token
+#pragma unroll
+      for (int m = 0; m < kDecodeRows; ++m) {
+        const int64_t r = m0 + min(m, nr - 1);
+        arow[m] = A + (p.a_slots ? static_cast<int64_t>(p.a_slots[r]) / p.a_slot_div : r) * p.lda;
+      }
       float acc0[kDecodeRows], acc1[kDecodeRows];
 #pragma unroll
       for (int m = 0; m < kDecodeRows; ++m) acc0[m] = acc1[m] = 0.f;
@@ -441,7 +447,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) grouped_gemm_decode_kernel(
 #pragma unroll
           for (int m = 0; m < kDecodeRows; ++m) {
             if (m >= nr) break;
-            const Pack<TA, V> a = load_pack<TA, V>(A + (m0 + m) * p.lda + k);
+            const Pack<TA, V> a = load_pack<TA, V>(arow[m] + k);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
               const float ai = to_float(a.v[i]);
@@ -500,6 +506,10 @@ bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major
          p.K > 0 && p.K % 8 == 0 && p.lda % 8 == 0 && aligned16(p.a) && aligned16(p.w);
 }
 
+bool grouped_gemm_uses_decode(const GroupedGemmParams& p, int64_t max_rows_per_expert) {
+  return max_rows_per_expert <= 16 && !p.w_transposed && p.E <= kMaxGridY;
+}
+
 void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream) {
   if (p.E < 1 || p.R <= 0 || p.N_out <= 0) return;
@@ -509,7 +519,7 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
     throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: workspace too small");
 
   // decode: few rows per expert, [E, N, K] weights, E fits grid.y
-  if (max_rows_per_expert <= 16 && !p.w_transposed && p.E <= kMaxGridY) {
+  if (grouped_gemm_uses_decode(p, max_rows_per_expert)) {
     // at most R experts have rows: a decode step launches blocks for those, not for all E
     const int64_t cols = decode_cols_per_block(p.epilogue == Epilogue::GatedAct);
     const dim3 grid(static_cast<unsigned>((p.N_out + cols - 1) / cols),
@@ -530,6 +540,8 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
     return;
   }
 
+  if (p.a_slots)
+    throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: a_slots needs the decode kernel");
   int32_t* tile_start = static_cast<int32_t*>(workspace);
   tile_start_kernel<<<1, 1024, 0, stream>>>(p, tile_start);
   check_cuda(cudaGetLastError(), "grouped_gemm tile schedule launch");

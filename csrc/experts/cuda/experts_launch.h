@@ -33,6 +33,11 @@ struct GroupedGemmParams {
   const float* bias = nullptr;  // [E, N_w] fp32 contiguous, or null
   void* out = nullptr;          // [R, N_out] contiguous, dtype out_dtype; rows of no expert untouched
   DType out_dtype = DType::F32;
+  // Decode kernel only: GEMM row r reads row a_slots[r] / a_slot_div of `a` instead of row r
+  // (a = the layer's hidden [T, K], a_slots = route_plan's sorted_slots, a_slot_div = top_k: the
+  // permute pass folded into the up projection). R then counts GEMM rows (slots), not a's rows.
+  const int32_t* a_slots = nullptr;
+  int64_t a_slot_div = 1;
 };
 
 // Device scratch launch_grouped_gemm needs (the per-expert tile schedule).
@@ -41,6 +46,10 @@ size_t grouped_gemm_workspace_bytes(int E);
 // True when the launch will run the tensor-core (mma.sync) kernel: a and w both fp16 or both
 // bf16, w not transposed, K and lda multiples of 8, a and w 16-byte aligned, device sm_80+.
 bool grouped_gemm_uses_tensor_cores(const GroupedGemmParams& p, int device_major);
+
+// True when launch_grouped_gemm runs `p` on the decode kernel (max_rows_per_expert <= 16,
+// [E, N, K] weights, E within the grid's y limit); the only kernel that takes a_slots.
+bool grouped_gemm_uses_decode(const GroupedGemmParams& p, int64_t max_rows_per_expert);
 
 // Runs the grouped GEMM without a host synchronisation: the tile schedule is computed on the
 // device from `offsets`. Offsets are clamped to [0, R] (no host check is possible). Experts
