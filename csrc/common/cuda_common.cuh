@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernel files: fp32 <-> storage-dtype conversion, a warp sum, the
-// 16-byte alignment test of the vectorised paths and the launch-error check. CUDA headers only
+// vector type and 16-byte alignment test of the vectorised paths and the launch-error check. CUDA headers only
 // (project rule: no torch in .cu files).
 #pragma once
 
@@ -31,6 +31,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
+
+// N consecutive elements as one aligned access (16 bytes for N = 16 / sizeof(T)).
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 

@@ -344,13 +344,7 @@ __global__ void __launch_bounds__(256) grouped_gemm_simt_kernel(GroupedGemmParam
 }
 
 // ---------------------------------------------------------------- decode
-// V consecutive elements as one load (16 bytes for V = 16 / sizeof(T)), kept packed in
-// registers until used.
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
+// V consecutive elements as one load, kept packed in registers until used.
 template <class T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
   return *reinterpret_cast<const Pack<T, V>*>(ptr);
@@ -462,12 +456,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) grouped_gemm_decode_kernel(
         if (m >= nr) break;
         const float s0 = warp_sum(acc0[m]);
         const float s1 = two ? warp_sum(acc1[m]) : 0.f;
-        if (lane != 0) continue;
-        if (gated) {
-          store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, s1));
-        } else {
-          store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, 0.f));
-          if (two) store_out<TO>(p, m0 + m, c2, epilogue_value(p, e, c2, s1, 0.f));
+        if (lane == 0) {
+          if (gated) {
+            store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, s1));
+          } else {
+            store_out<TO>(p, m0 + m, c, epilogue_value(p, e, c, s0, 0.f));
+            if (two) store_out<TO>(p, m0 + m, c2, epilogue_value(p, e, c2, s1, 0.f));
+          }
         }
       }
     }

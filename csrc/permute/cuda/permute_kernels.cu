@@ -176,11 +176,6 @@ __global__ void plan_finalize_kernel(const uint32_t* __restrict__ sorted_keys,
 // permute / combine
 // ------------------------------------------------------------------------------------------
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
 // Row r of out = hidden[slot / top_k] (* slot_scale[slot]), zero when slot is -1 (or out of range).
 // nvec = H / N vectors per row; hidden_stride in elements (a multiple of N).
 template <typename T, int N>
