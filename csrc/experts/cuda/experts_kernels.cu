@@ -38,7 +38,7 @@ namespace moeops::cuda {
 namespace {
 
 constexpr int kTileRows = 64;  // rows per tile in both tiled kernels (the schedule's unit)
-constexpr int kDecodeRows = 8;  // rows per pass of the decode kernel
+constexpr int kDecodeRows = 4;  // rows per pass of the decode kernel (sets its register use)
 constexpr int kDecodeThreads = 256;     // 8 warps
 constexpr int kDecodeUnroll = 4;         // weight vectors in flight per lane and row
 constexpr int64_t kMaxGridY = 65535;
@@ -387,14 +387,16 @@ __host__ __device__ constexpr int decode_cols_per_block(bool gated) {
 // grid (column blocks, min(E, R)): block y takes expert y when the grid covers every expert,
 // else the y-th expert with rows (a decode step uses a few of many experts, and blocks of
 // unused experts would still cost their scheduling). Each warp streams two weight rows per
-// pass (decode_cols_per_block) and reads them once per kDecodeRows rows of that expert (every
-// row when the expert has <= 8). V elements per load (16 bytes when K, lda and the pointers
-// allow it); each lane issues kDecodeUnroll loads of each row before using them, so a warp has
-// 2 x kDecodeUnroll x 32 x 16 bytes of weights in flight: the kernel is bound by memory latency
-// x bytes in flight, not by arithmetic, and one block per SM is enough (the unrolled loads take
-// registers). The products of one lane are summed in the order k = lane V, lane V + 32 V, ...
+// pass (decode_cols_per_block) and reads them once per kDecodeRows rows of that expert (a
+// further pass over the same rows hits the cache). V elements per load (16 bytes when K, lda
+// and the pointers allow it); each lane issues kDecodeUnroll loads of each row before using
+// them, so a warp has 2 x kDecodeUnroll x 32 x 16 bytes of weights in flight: the kernel is
+// bound by memory latency x bytes in flight, not by arithmetic. Two blocks per SM: 4 rows per
+// pass keep the bf16 build at 124 registers without spills (8 rows needed 164, one block).
+// The products of one lane are summed in the order k = lane V, lane V + 32 V, ... whatever the
+// unroll or the rows per pass.
 template <class TA, class TW, class TO, int V>
-__global__ void __launch_bounds__(kDecodeThreads, 1) grouped_gemm_decode_kernel(GroupedGemmParams p) {
+__global__ void __launch_bounds__(kDecodeThreads, 2) grouped_gemm_decode_kernel(GroupedGemmParams p) {
   const int e = static_cast<int>(gridDim.y) >= p.E ? static_cast<int>(blockIdx.y)
                                                    : nth_expert_with_rows(p, static_cast<int>(blockIdx.y));
   if (e < 0) return;
