@@ -31,12 +31,12 @@ are medians of CUDA-event (GPU) or wall-clock (CPU) runs after a warm-up; the FL
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from moeops.bench_experts import DTYPES, LAYERS, _moeops_version, measure_machine, rel_err
+from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, measure_machine, rel_err,
+                                  time_adaptive)
 
 PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "triton-tuned", "torch", "dense")
 OPT_IN_PEERS = ("triton-tuned",)  # run only when named in --peers
@@ -142,33 +142,12 @@ def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
 
 def _time(fn: Callable[[], object], device: torch.device, min_runs: int, max_runs: int,
           budget: float) -> list[float]:
-    """Per-run seconds of ``fn`` after two warm-up calls: CUDA events on a GPU (no host
-    round trip inside the measurement), wall clock on the CPU."""
+    """Per-run seconds of ``fn`` after two warm-up calls, by the experts suite's timer
+    (bench_experts.time_adaptive: CUDA events with the L2 cache flushed first on a GPU, wall
+    clock on the CPU), without its time cap: at least ``min_runs`` runs."""
     fn()
     fn()
-    times: list[float] = []
-    spent = 0.0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        while len(times) < max_runs and (len(times) < min_runs or spent < budget):
-            batch = []
-            for _ in range(min(5, max_runs - len(times))):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                batch.append((a, b))
-            torch.cuda.synchronize(device)
-            for a, b in batch:
-                times.append(a.elapsed_time(b) / 1e3)
-                spent += times[-1]
-        return times
-    while len(times) < max_runs and (len(times) < min_runs or spent < budget):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
-    return times
+    return time_adaptive(fn, device, min_runs, max_runs, budget, time_cap=float("inf"))
 
 
 def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
