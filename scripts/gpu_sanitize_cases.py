@@ -116,11 +116,14 @@ def main() -> int:
         failures += not torch.allclose(out.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2)
     # grouped_gemm / fused_experts: decode (T <= 16; fewer rows than experts: blocks find the
     # experts with rows), tensor-core and SIMT paths, empty experts,
-    # odd sizes (tails of every tile), gated and plain experts, biases, gain 0, shared expert
+    # odd sizes (tails of every tile), gated and plain experts, biases, gain 0, a shared expert
+    # (gated cases; the plain ones combine straight into the 16-bit hidden dtype, with 8-, 2-
+    # and 1-element vectors at H = 64, 66, 65)
     for T, K, E, H, I, dt in [(1, 2, 8, 64, 32, torch.bfloat16), (5, 2, 4, 40, 24, torch.float32),
                               (37, 4, 6, 72, 40, torch.float16), (130, 2, 8, 256, 96, torch.bfloat16),
                               (70, 1, 3, 36, 20, torch.float32),
-                              (2, 4, 300, 64, 40, torch.bfloat16)]:  # decode: expert scan in 2 rounds
+                              (2, 4, 300, 64, 40, torch.bfloat16),  # decode: expert scan in 2 rounds
+                              (3, 2, 5, 66, 24, torch.float16), (4, 1, 5, 65, 20, torch.bfloat16)]:
         g = torch.Generator().manual_seed(T + H)
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
         ids[0, 0] = -1
@@ -133,7 +136,8 @@ def main() -> int:
             gain = torch.rand(E, generator=g)
             gain[E - 1] = 0.0
             so = torch.randn(T, H, generator=g).to(dt)
-            kw = dict(b_up=bu, gain=gain, gated=gated, activation="silu" if gated else "gelu", shared_out=so)
+            kw = dict(b_up=bu, gain=gain, gated=gated, activation="silu" if gated else "gelu",
+                      shared_out=so if gated else None)
             got = moeops.fused_experts(*(t.to(dev) for t in (h, ids, w, wu, wd)), backend="cpp",
                                        **{n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()})
             want = reference.fused_experts(h, ids, w, wu, wd, **kw)

@@ -281,7 +281,8 @@ Tensor fused_experts_cuda_impl(const Tensor& hidden, const Tensor& ids_in, const
     up_store.E = static_cast<int>(E);
     up_store.out_dtype = probe.a_dtype;
     up_store.out = act.data_ptr();  // 16-byte aligned like any fresh allocation
-    if (tc && !bu.defined() && want_sm90(up_store, T, device_major(hidden))) {
+    // (!gather: the path setting may change between its two reads; CUTLASS has no a_slots)
+    if (tc && !bu.defined() && !gather && want_sm90(up_store, T, device_major(hidden))) {
       const Tensor gu = at::empty({R, d.n_up}, hidden.options());
       run_grouped_gemm(up_store, rows, w_up, offsets, gu, T);
       int sms = 0;

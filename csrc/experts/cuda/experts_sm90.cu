@@ -234,7 +234,7 @@ bool sm90_grouped_gemm_built() { return true; }
 bool sm90_grouped_gemm_supported(const GroupedGemmParams& p, int device_major) {
   const bool in16 = p.a_dtype == DType::BF16 || p.a_dtype == DType::F16;
   return device_major == 9 && in16 && p.w_dtype == p.a_dtype && (p.out_dtype == p.a_dtype || p.out_dtype == DType::F32) &&
-         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.E >= 1 && p.K > 0 && p.N_w > 0 &&
+         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.a_slots == nullptr && p.E >= 1 && p.K > 0 && p.N_w > 0 &&
          p.K % 8 == 0 && p.N_w % 8 == 0 && p.N_out == p.N_w && p.lda % 8 == 0 && p.lda >= p.K && p.K <= INT_MAX &&
          p.N_w <= INT_MAX && p.R <= INT_MAX && aligned16(p.a) && aligned16(p.w) && aligned16(p.out);
 }
