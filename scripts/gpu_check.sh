@@ -5,7 +5,8 @@
 # CUDA/Triton tests; the grouped-GEMM and fused-layer benchmarks; compute-sanitizer memcheck and
 # racecheck on small cases of every CUDA op; then a compact table. Each step is time-capped and
 # no step starts after $MOEOPS_GPU_DEADLINE (default 465 s), so the script ends within 8 min.
-# Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out).
+# Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out); with MOEOPS_GPU_PACK=1 they end up in one
+# file there, gpu_check_logs.tar.gz (the device tool brings back at most 8 files).
 # Wheels in ./wheels (e.g. nvidia-cutlass for the headers) are installed first, offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,14 @@ step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --tim
   --json "$OUT/bench.json"
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
 step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
+# then, if time is left: whole layers with the grouped GEMMs forced onto mma.sync / CUTLASS sm_90a
+# at 16-128 rows per expert on average (Qwen3-30B-A3B: T / 16), where auto switches (kSm90MinAvgRows)
+PATHS=moeops,moeops-mma
+$PY -c "import moeops, torch; assert moeops._C.sm90_grouped_gemm and torch.cuda.get_device_capability()[0] == 9" \
+  2> /dev/null && PATHS=$PATHS,moeops-sm90
+step bench_paths 60 $PY -m moeops bench --device cuda --models qwen3-30b-a3b --dtypes bf16 \
+  --tokens 256,512,1024,2048 --peers $PATHS --min-runs 3 --repeats 10 --time-budget 0.2 --quiet \
+  --json "$OUT/bench_paths.json"
 # last, only if time is left: the Triton autotuner's choices on two prefill shapes (for _CANDIDATES)
 step triton_tune 60 $PY -m moeops bench --suite gemm --device cuda --peers triton,triton-tuned,torch \
   --models qwen3-30b-a3b,mixtral-8x7b --tokens 512,4096 --time-budget 0.2 --repeats 10 --quiet \
@@ -67,7 +76,7 @@ step triton_tune 60 $PY -m moeops bench --suite gemm --device cuda --peers trito
 echo "================ moeops GPU check ($(head -c 10 "$OUT/commit.txt"), $(( $(date +%s) - T0 ))s) ================"
 grep -m1 -E "NVIDIA H|NVIDIA A|NVIDIA B" "$OUT/nvidia-smi.log" || true
 grep -E "^(torch|cuda_kernels_built|cuda_archs|sm90_grouped_gemm|triton) " "$OUT/info.log"
-for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck triton_tune; do
+for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck bench_paths triton_tune; do
   [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"
 done
 tail -1 "$OUT/tests.log"
@@ -77,4 +86,9 @@ grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
 cat "$OUT/bench_gemm.log"
 cat "$OUT/bench.log"
-if [ -f "$OUT/triton_tune.log" ]; then cat "$OUT/triton_tune.log"; fi
+for s in bench_paths triton_tune; do
+  if [ -f "$OUT/$s.log" ]; then cat "$OUT/$s.log"; fi
+done
+if [ -n "${MOEOPS_GPU_PACK:-}" ]; then
+  pack=$(mktemp) && tar czf "$pack" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack" "$OUT/gpu_check_logs.tar.gz"
+fi

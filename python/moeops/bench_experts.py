@@ -25,6 +25,11 @@ All implementations get the same inputs: ``hidden [T, H]`` in the model dtype, t
 ids (int64 for Hugging Face, int32 for moeops) and the same routing weights (rounded to the model
 dtype for Hugging Face as its routers do; moeops gets those rounded values in fp32). moeops reads
 the module's ``gate_up_proj`` / ``down_proj`` parameters directly (no copies).
+
+On a CUDA device two more implementations run when named in ``peers`` (not by default):
+``moeops-mma`` and ``moeops-sm90``, moeops' CUDA layer with its grouped GEMMs forced onto the
+``mma.sync`` kernel or the CUTLASS sm_90a one (``moeops._C.set_cuda_gemm_path``), to compare them
+with ``auto``'s choice on whole layers (the sm_90a up projection adds an activation pass).
 """
 
 from __future__ import annotations
@@ -86,9 +91,12 @@ GPU_TOKENS = (1, 8, 64, 512, 4096, 16384)
 GPU_DEFAULT_CASES = tuple([("qwen3-30b-a3b", "bf16", t) for t in GPU_TOKENS]
                           + [("mixtral-8x7b", "bf16", t) for t in (1, 8, 512, 4096)]
                           + [("deepseek-v3", "bf16", t) for t in (1, 8, 512, 4096)])
-# "triton": moeops.fused_experts(backend="triton") (CUDA only)
-PEERS = ("moeops", "triton", "reference", "eager", "grouped_mm", "batched_mm")
+# "triton": moeops.fused_experts(backend="triton") (CUDA only); "moeops-mma" / "moeops-sm90":
+# moeops' CUDA kernels with the GEMM path forced (CUDA only, run only when named)
+PEERS = ("moeops", "moeops-mma", "moeops-sm90", "triton", "reference", "eager", "grouped_mm",
+         "batched_mm")
 HF_PEERS = ("eager", "grouped_mm", "batched_mm")
+GEMM_PATH_PEERS = {"moeops-mma": "mma", "moeops-sm90": "sm90"}
 # relative tolerance (max |out - ref| / max |ref|) of the one-time correctness check
 TOLERANCE = {("fp32", "moeops"): 1e-4, ("fp32", "hf"): 1e-4,
              ("bf16", "moeops"): 2e-2, ("bf16", "hf"): 6e-2,
@@ -107,8 +115,10 @@ class Case:
 
 
 def default_peers(device: str | torch.device = "cpu") -> tuple[str, ...]:
-    """Every implementation that can run on ``device`` (Triton needs a CUDA device)."""
-    return PEERS if torch.device(device).type == "cuda" else tuple(p for p in PEERS if p != "triton")
+    """The implementations run by default on ``device``: all but the GEMM-path ones (named
+    only), and Triton only on a CUDA device."""
+    cuda = torch.device(device).type == "cuda"
+    return tuple(p for p in PEERS if p not in GEMM_PATH_PEERS and (cuda or p != "triton"))
 
 
 def select_cases(models: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
@@ -432,9 +442,35 @@ class Layer:
             return self.moeops_fn("reference")
         if peer == "triton":
             return self.moeops_fn("triton")
+        if peer in GEMM_PATH_PEERS:
+            import moeops
+            inner, path = self.moeops_fn("cpp"), GEMM_PATH_PEERS[peer]
+
+            def forced(x):
+                moeops._C.set_cuda_gemm_path(path)
+                try:
+                    return inner(x)
+                finally:
+                    moeops._C.set_cuda_gemm_path("auto")
+            return forced
         if peer in HF_PEERS:
             return self.hf_fn(peer)
         raise ValueError(f"unknown implementation {peer!r}; known: {', '.join(PEERS)}")
+
+
+def check_gemm_path_peers(peers: Sequence[str], dev: torch.device) -> None:
+    """Raises ValueError when a forced-GEMM-path implementation cannot run on ``dev``."""
+    named = [p for p in peers if p in GEMM_PATH_PEERS]
+    if not named:
+        return
+    import moeops
+    if dev.type != "cuda" or not getattr(moeops._C, "with_cuda", False):
+        raise ValueError(f"{', '.join(named)}: need --device cuda and a moeops build with CUDA "
+                         "kernels")
+    if "moeops-sm90" in named and not (getattr(moeops._C, "sm90_grouped_gemm", False)
+                                       and torch.cuda.get_device_capability(dev)[0] == 9):
+        raise ValueError("moeops-sm90: needs a Hopper GPU (sm_90) and a build with the CUTLASS "
+                         "sm_90a kernel (moeops info: sm90_grouped_gemm)")
 
 
 def moeops_backend_for(device: str | torch.device, requested: str = "auto") -> tuple[str, str]:
@@ -579,6 +615,7 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
     peers = [p for p in PEERS if p in peers]  # canonical order
     if "triton" in peers and dev.type != "cuda":
         raise ValueError("the 'triton' implementation needs --device cuda")
+    check_gemm_path_peers(peers, dev)
     backend, backend_note = ("auto", "")
     if "moeops" in peers:
         backend, backend_note = moeops_backend_for(dev, moeops_backend)
@@ -719,8 +756,8 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, dev: torch.
 
 # ----------------------------------------------------------------------------- output
 
-_SHORT = {"moeops": "moeops", "triton": "triton", "reference": "ref", "eager": "eager", "grouped_mm": "grouped",
-          "batched_mm": "batched"}
+_SHORT = {"moeops": "moeops", "moeops-mma": "mma", "moeops-sm90": "sm90", "triton": "triton",
+          "reference": "ref", "eager": "eager", "grouped_mm": "grouped", "batched_mm": "batched"}
 
 
 def _ms(s: float) -> str:
@@ -788,6 +825,11 @@ def format_experts_bench(r: dict) -> str:
            else "."),
         "xPEER: PEER's time / moeops' time (>1: moeops is faster). exp: distinct experts the "
         "random routing touches.",
+    ]
+    if any(p in GEMM_PATH_PEERS for p in peers):
+        lines.append("mma, sm90: moeops' CUDA layer with its grouped GEMMs forced onto the mma.sync "
+                     "/ CUTLASS sm_90a kernel (moeops: auto's choice).")
+    lines += [
         "limit: the larger of bytes/bandwidth (bw; bytes = weights of the distinct experts) and "
         "FLOPs/GEMM rate (gemm; FLOPs = 2*T*K*3*H*I).",
         "%bw, %gemm: moeops' fraction of each limit (* = the binding one; >100% is possible: "

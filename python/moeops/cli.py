@@ -212,8 +212,11 @@ def main(argv=None) -> int:
     g.add_argument("--dtypes", type=_csv(str), default=None,
                    help="fp32,bf16 (default with other case options: both)")
     g.add_argument("--peers", type=_csv(str), default=None,
-                   help="implementations to run: moeops,reference,eager,grouped_mm,batched_mm "
-                        "(default: all)")
+                   help="implementations to run; experts suite: moeops,triton (CUDA),"
+                        "reference,eager,grouped_mm,batched_mm (default: these) and, named "
+                        "only, moeops-mma,moeops-sm90 (CUDA: GEMM path forced); gemm suite: "
+                        "moeops,moeops-sm90,moeops-mma,triton,torch,dense (default: those "
+                        "available) and, named only, triton-tuned")
     g.add_argument("--backend", default="auto", choices=["auto", "cpp", "reference"],
                    help="fused_experts backend timed as 'moeops' (auto falls back to the "
                         "reference, with a note, when the compiled kernel is missing)")
