@@ -8,6 +8,9 @@
 # Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out); with MOEOPS_GPU_PACK=1 they end up in one
 # file there, gpu_check_logs.tar.gz (the device tool brings back at most 8 files).
 # Wheels in ./wheels (e.g. nvidia-cutlass for the headers) are installed first, offline.
+# A rerun after a fix (15 minutes of device time leave room for a short one): MOEOPS_GPU_STEPS
+# names the steps to run after the install (e.g. "tests,memcheck"), and MOEOPS_GPU_TESTS the
+# pytest targets of the tests step (default: tests, i.e. every test marked cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${MOEOPS_GPU_OUT:-./gpu_out}
@@ -16,8 +19,12 @@ PY=${PYTHON:-python3}
 T0=$(date +%s)
 declare -A status
 DEADLINE=${MOEOPS_GPU_DEADLINE:-465}  # seconds for the whole script (the table included)
+ONLY=${MOEOPS_GPU_STEPS:-}
 step() {  # step NAME CAP CMD...: run for at most CAP s (less near the deadline), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  case " wheels prebuilt build " in *" $name "*) ;; *)
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi ;;
+  esac
   local t0=$(date +%s)
   local left=$(( DEADLINE - (t0 - T0) - 5 ))
   if (( left < 15 )); then status[$name]="skipped (deadline)"; echo "[$name] skipped: deadline"; return 124; fi
@@ -53,7 +60,7 @@ PERTEST=""  # one hung test must not eat the step: pytest-timeout where installe
 $PY -c "import pytest_timeout" 2> /dev/null && PERTEST="--timeout 100"
 # -v: every test's outcome is in the log as it finishes, so a step cut by its cap still says
 # which tests passed and failed
-step tests 180 $PY -m pytest -v -rfE -m cuda tests -p no:cacheprovider $XDIST $PERTEST --junitxml="$OUT/tests.xml"
+step tests 180 $PY -m pytest -v -rfE -m cuda ${MOEOPS_GPU_TESTS:-tests} -p no:cacheprovider $XDIST $PERTEST --junitxml="$OUT/tests.xml"
 step bench_gemm 90 $PY -m moeops bench --suite gemm --device cuda --time-budget 0.3 --repeats 20 --quiet \
   --json "$OUT/bench_gemm.json"
 step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --time-budget 0.3 --quiet \
@@ -79,14 +86,14 @@ grep -E "^(torch|cuda_kernels_built|cuda_archs|sm90_grouped_gemm|triton) " "$OUT
 for s in wheels prebuilt build tests bench_gemm bench memcheck racecheck bench_paths triton_tune; do
   [ -n "${status[$s]:-}" ] && printf "%-10s %s\n" "$s" "${status[$s]}"
 done
-tail -1 "$OUT/tests.log"
-echo "tests passed: $(grep -c " PASSED" "$OUT/tests.log"), failed: $(grep -c " FAILED" "$OUT/tests.log"), skipped: $(grep -c " SKIPPED" "$OUT/tests.log")"
-grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
-grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log"
-cat "$OUT/bench_gemm.log"
-cat "$OUT/bench.log"
-for s in bench_paths triton_tune; do
+if [ -f "$OUT/tests.log" ]; then
+  tail -1 "$OUT/tests.log"
+  echo "tests passed: $(grep -c " PASSED" "$OUT/tests.log"), failed: $(grep -c " FAILED" "$OUT/tests.log"), skipped: $(grep -c " SKIPPED" "$OUT/tests.log")"
+  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
+  grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
+fi
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log" 2> /dev/null
+for s in bench_gemm bench bench_paths triton_tune; do
   if [ -f "$OUT/$s.log" ]; then cat "$OUT/$s.log"; fi
 done
 if [ -n "${MOEOPS_GPU_PACK:-}" ]; then
