@@ -140,6 +140,39 @@ def test_decode_reads_hidden_in_place_like_permuted_rows(dtype, gated):
     torch.testing.assert_close(in_place.cpu().float(), want.float(), **TOL[dtype])
 
 
+def _cuda_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler over CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_decode_skips_the_permute_pass_only_when_hidden_is_aligned():
+    """The in-place read above gives the same bits as permuting first by design, so only the
+    launched kernels tell whether the decode layer really skipped the permute pass."""
+    T, E, K, H, I = 3, 8, 2, 64, 32
+    ids, w = _routing(T, K, E, 4)
+    h = torch.randn(T, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+    w_up, w_down = (t.cuda() for t in _params(E, H, I, True, torch.bfloat16, 4))
+    buf = torch.zeros(T * H + 1, dtype=torch.bfloat16, device="cuda")
+    buf[1:] = h.flatten()
+    ids, w = ids.cuda(), w.cuda()
+    # grouped GEMMs on their default path (a forced sm90 path never reads hidden in place)
+    moeops._C.set_cuda_gemm_path("auto")
+
+    def layer(hidden):
+        return lambda: moeops.fused_experts(hidden, ids, w, w_up, w_down, backend="cpp")
+
+    layer(h)()  # warm-up: lazy CUDA initialisation launches kernels of its own
+    aligned, misaligned = _cuda_kernels(layer(h)), _cuda_kernels(layer(buf[1:].view(T, H)))
+    if not aligned:
+        pytest.skip("the profiler recorded no CUDA kernels here (CUPTI unavailable)")
+    assert not [k for k in aligned if "permute_kernel" in k], aligned
+    assert [k for k in misaligned if "permute_kernel" in k], misaligned
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("H", [64, 66, 65])
 def test_combine_rounds_to_the_hidden_dtype_once(dtype, H):
