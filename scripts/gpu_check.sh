@@ -80,6 +80,11 @@ step triton_tune 60 $PY -m moeops bench --suite gemm --device cuda --peers trito
   --models qwen3-30b-a3b,mixtral-8x7b --tokens 512,4096 --time-budget 0.2 --repeats 10 --quiet \
   --json "$OUT/bench_triton_tune.json"
 
+# the benchmark tables first, then the status, tests and sanitizer lines: the device tool keeps
+# the last 12,000 characters of the output, so what matters most is printed last
+for s in bench_gemm bench bench_paths triton_tune; do
+  if [ -f "$OUT/$s.log" ]; then cat "$OUT/$s.log"; fi
+done
 echo "================ moeops GPU check ($(head -c 10 "$OUT/commit.txt"), $(( $(date +%s) - T0 ))s) ================"
 grep -m1 -E "NVIDIA H|NVIDIA A|NVIDIA B" "$OUT/nvidia-smi.log" || true
 grep -E "^(torch|cuda_kernels_built|cuda_archs|sm90_grouped_gemm|triton) " "$OUT/info.log"
@@ -93,9 +98,6 @@ if [ -f "$OUT/tests.log" ]; then
   grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
 fi
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log" 2> /dev/null
-for s in bench_gemm bench bench_paths triton_tune; do
-  if [ -f "$OUT/$s.log" ]; then cat "$OUT/$s.log"; fi
-done
 if [ -n "${MOEOPS_GPU_PACK:-}" ]; then
   pack=$(mktemp) && tar czf "$pack" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack" "$OUT/gpu_check_logs.tar.gz"
 fi
