@@ -34,6 +34,7 @@ with ``auto``'s choice on whole layers (the sm_90a up projection adds an activat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -443,19 +444,30 @@ class Layer:
         if peer == "triton":
             return self.moeops_fn("triton")
         if peer in GEMM_PATH_PEERS:
-            import moeops
             inner, path = self.moeops_fn("cpp"), GEMM_PATH_PEERS[peer]
 
             def forced(x):
-                moeops._C.set_cuda_gemm_path(path)
-                try:
+                with gemm_path(path):
                     return inner(x)
-                finally:
-                    moeops._C.set_cuda_gemm_path("auto")
             return forced
         if peer in HF_PEERS:
             return self.hf_fn(peer)
         raise ValueError(f"unknown implementation {peer!r}; known: {', '.join(PEERS)}")
+
+
+@contextlib.contextmanager
+def gemm_path(path: str):
+    """Runs the body with moeops' CUDA grouped GEMMs on ``path`` ("auto", "mma" or "sm90";
+    ``moeops._C.set_cuda_gemm_path``), back to "auto" after. A no-op in builds without CUDA."""
+    import moeops
+    setter = getattr(moeops._C, "set_cuda_gemm_path", None)
+    if setter is not None:
+        setter(path)
+    try:
+        yield
+    finally:
+        if setter is not None:
+            setter("auto")
 
 
 def check_gemm_path_peers(peers: Sequence[str], dev: torch.device) -> None:

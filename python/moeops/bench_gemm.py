@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, measure_machine, rel_err,
-                                  time_adaptive)
+from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, gemm_path, measure_machine,
+                                  rel_err, time_adaptive)
 
 PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "triton-tuned", "torch", "dense")
 OPT_IN_PEERS = ("triton-tuned",)  # run only when named in --peers
@@ -100,13 +100,8 @@ def _peer_fn(peer: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor)
         path = {"moeops": "auto", "moeops-sm90": "sm90", "moeops-mma": "mma"}[peer]
 
         def fn():
-            if hasattr(moeops._C, "set_cuda_gemm_path"):
-                moeops._C.set_cuda_gemm_path(path)
-            try:
+            with gemm_path(path):
                 return moeops.grouped_gemm(x, w, offsets, backend="cpp")
-            finally:
-                if hasattr(moeops._C, "set_cuda_gemm_path"):
-                    moeops._C.set_cuda_gemm_path("auto")
         return fn
     if peer == "triton":
         return lambda: moeops.grouped_gemm(x, w, offsets, backend="triton")
