@@ -97,7 +97,9 @@ if [ -f "$OUT/tests.log" ]; then
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
   grep -qE "^(FAILED|ERROR) " "$OUT/tests.log" || grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
 fi
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$OUT/memcheck.log" "$OUT/racecheck.log" 2> /dev/null
+# (compute-sanitizer refuses the device on some machines, e.g. under gVisor: "Device not supported")
+grep -HE "ERROR SUMMARY|RACECHECK SUMMARY|mismatches|not supported" "$OUT/memcheck.log" "$OUT/racecheck.log" 2> /dev/null \
+  | sed "s|^$OUT/||"
 if [ -n "${MOEOPS_GPU_PACK:-}" ]; then
   pack=$(mktemp) && tar czf "$pack" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack" "$OUT/gpu_check_logs.tar.gz"
 fi
