@@ -1,6 +1,6 @@
 // Helpers shared by the CUDA kernel files: fp32 <-> storage-dtype conversion, a warp sum, the
-// vector type and 16-byte alignment test of the vectorised paths and the launch-error check. CUDA headers only
-// (project rule: no torch in .cu files).
+// vector type and 16-byte alignment test of the vectorised paths and the launch-error check.
+// CUDA headers only (project rule: no torch in .cu files).
 #pragma once
 
 #include <cuda_bf16.h>

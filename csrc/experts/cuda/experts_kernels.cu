@@ -384,19 +384,18 @@ __host__ __device__ constexpr int decode_cols_per_block(bool gated) {
   return (kDecodeThreads / 32) * (gated ? 1 : 2) * 2;
 }
 
-// grid (column blocks, min(E, R)): block y takes expert y when the grid covers every expert,
-// else the y-th expert with rows (a decode step uses a few of many experts, and blocks of
-// unused experts would still cost their scheduling). Each warp streams two weight rows per
-// pass (decode_cols_per_block) and reads them once per kDecodeRows rows of that expert (a
-// further pass over the same rows is served by L2: at H = 7168, 16 warps' rows are ~450 KB, more
-// than L1). V elements per load (16 bytes when K, lda
-// and the pointers allow it); each lane issues kDecodeUnroll loads of each row before using
-// them, so a warp has 2 x kDecodeUnroll x 32 x 16 bytes of weights in flight: the kernel is
-// bound by memory latency x bytes in flight, not by arithmetic. Two blocks per SM: 4 rows per
-// pass keep every instantiation at <= 124 registers without spills (ptxas -v, sm_80 and
-// sm_90a: bf16 124, fp16 114, fp32 104, scalar V = 1 79; 8 rows needed 164, one block).
-// Offsets must not decrease: with min(E, R) grid rows, overlapping ranges would leave experts
-// beyond the R-th with rows uncomputed.
+// grid (column blocks, min(E, R)): block y takes expert y when the grid covers every expert, else
+// the y-th expert with rows (a decode step uses a few of many experts, and blocks of unused experts
+// would still cost their scheduling). Each warp streams two weight rows per pass
+// (decode_cols_per_block) and reads them once per kDecodeRows rows of that expert (a further pass
+// over the same rows is served by L2: at H = 7168, 16 warps' rows are ~450 KB, more than L1). V
+// elements per load (16 bytes when K, lda and the pointers allow it); each lane issues
+// kDecodeUnroll loads of each row before using them, so a warp has 2 x kDecodeUnroll x 32 x 16
+// bytes of weights in flight: the kernel is bound by memory latency x bytes in flight, not by
+// arithmetic. Two blocks per SM: 4 rows per pass keep every instantiation at <= 124 registers
+// without spills (ptxas -v, sm_80 and sm_90a: bf16 124, fp16 114, fp32 104, scalar V = 1 79; 8 rows
+// needed 164, one block). Offsets must not decrease: with min(E, R) grid rows, overlapping ranges
+// would leave experts beyond the R-th with rows uncomputed.
 // The products of one lane are summed in the order k = lane V, lane V + 32 V, ... whatever the
 // unroll or the rows per pass.
 template <class TA, class TW, class TO, int V>

@@ -8,11 +8,12 @@
 //   * narrow: the ping-pong schedule, two consumer warpgroups alternating on 64 x 128 x 128
 //     tiles, for fewer rows per group (e.g. DeepSeek-V3's 256 experts at 4k tokens: ~128 rows,
 //     where 128-row tiles would leave much of a group's last tile empty) or narrow N.
-// The split is the one torch._grouped_mm makes on sm_90. Both are persistent: one CTA per SM
-// walks the tiles of every group, so a group of zero rows costs one comparison. The problem list (M_e, N, K), the per-group base pointers and the strides are
-// written by setup_kernel from the device offsets, so nothing here waits for the host and the
-// launch can be captured in a CUDA graph. Row offsets live in the per-group base pointers
-// (64-bit), so long prompts do not overflow 32-bit element offsets.
+// The split is the one torch._grouped_mm makes on sm_90. Both are persistent: one CTA per SM walks
+// the tiles of every group, so a group of zero rows costs one comparison. The problem list (M_e, N,
+// K), the per-group base pointers and the strides are written by setup_kernel from the device
+// offsets, so nothing here waits for the host and the launch can be captured in a CUDA graph. Row
+// offsets live in the per-group base pointers (64-bit), so long prompts do not overflow 32-bit
+// element offsets.
 //
 // Compiled for sm_90a only (CMakeLists.txt); no torch headers.
 #include <cuda_runtime.h>
@@ -234,9 +235,10 @@ bool sm90_grouped_gemm_built() { return true; }
 bool sm90_grouped_gemm_supported(const GroupedGemmParams& p, int device_major) {
   const bool in16 = p.a_dtype == DType::BF16 || p.a_dtype == DType::F16;
   return device_major == 9 && in16 && p.w_dtype == p.a_dtype && (p.out_dtype == p.a_dtype || p.out_dtype == DType::F32) &&
-         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.a_slots == nullptr && p.E >= 1 && p.K > 0 && p.N_w > 0 &&
-         p.K % 8 == 0 && p.N_w % 8 == 0 && p.N_out == p.N_w && p.lda % 8 == 0 && p.lda >= p.K && p.K <= INT_MAX &&
-         p.N_w <= INT_MAX && p.R <= INT_MAX && aligned16(p.a) && aligned16(p.w) && aligned16(p.out);
+         !p.w_transposed && p.epilogue == Epilogue::Store && p.bias == nullptr && p.a_slots == nullptr &&
+         p.E >= 1 && p.K > 0 && p.N_w > 0 && p.K % 8 == 0 && p.N_w % 8 == 0 && p.N_out == p.N_w &&
+         p.lda % 8 == 0 && p.lda >= p.K && p.K <= INT_MAX && p.N_w <= INT_MAX && p.R <= INT_MAX &&
+         aligned16(p.a) && aligned16(p.w) && aligned16(p.out);
 }
 
 size_t sm90_grouped_gemm_workspace_bytes(const GroupedGemmParams& p, int device) {
