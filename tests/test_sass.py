@@ -84,7 +84,7 @@ def sass(tmp_path_factory):
 
 def _ops(body):
     """Opcode counts of one function's SASS, e.g. {"HMMA.16816.F32.BF16": 32, ...}."""
-    return Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
+    return Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", body))
 
 
 def _has(ops, prefix):
@@ -137,10 +137,18 @@ def test_sm90_grouped_gemm_uses_wgmma_and_tma(sass):
     funcs = _functions(sass, "experts_sm90", "90a", r"cutlass13device_kernel")
     # {bf16, fp16} in x {same dtype, fp32} out x {wide, narrow} tiles
     assert len(funcs) == 8, sorted(funcs)
+    kinds = Counter()
     for name, body in funcs.items():
         ops = _ops(body)
-        assert _has(ops, "HGMMA") > 0, (name[:120], "no warpgroup MMA")
         assert _has(ops, "UTMALDG") > 0, (name[:120], "no TMA loads")
+        hgmma = {op for op in ops if op.startswith("HGMMA.")}
+        shapes = {op.split(".")[1] for op in hgmma}
+        assert len(shapes) == 1, (name[:120], "expected one warpgroup MMA shape", hgmma)
+        kinds[shapes.pop(), "bf16" if any(op.endswith(".BF16") for op in hgmma) else "fp16"] += 1
+    # a warpgroup's share of the CTA tile: wide 128 x 256 x 64 (two consumer warpgroups of
+    # 64 x 256), narrow 64 x 128 x 128 (ping-pong: one warpgroup per tile); k = 16 per HGMMA.
+    # Each shape and input dtype appears twice (same-dtype and fp32 output).
+    assert kinds == {(s, d): 2 for s in ("64x256x16", "64x128x16") for d in ("bf16", "fp16")}, kinds
 
 
 @pytest.mark.parametrize("arch", ["80", "90a"])
