@@ -1,0 +1,43 @@
+"""scripts/kernel_ab.sh, the interleaved A/B harness for the CPU expert GEMM (docs/performance.md).
+
+Run A/A (HEAD against HEAD, so uncommitted kernel changes do not matter) on tiny cases: the
+harness must build both copies into one process, run them, and find their outputs bit-equal. No timing is checked. The script reads the base kernel with ``git archive``,
+so it needs a git checkout and a C++ compiler; elsewhere (an installed package) it is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "kernel_ab.sh"
+
+
+def _git_head_ok() -> bool:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return False
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the harness is a bash script for Linux")
+@pytest.mark.skipif(not SCRIPT.exists(), reason="scripts/kernel_ab.sh is not in this tree")
+@pytest.mark.skipif(not _git_head_ok(), reason="needs a git checkout with a commit (reads HEAD's csrc)")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+def test_kernel_ab_runs_both_builds_and_compares_outputs():
+    env = dict(os.environ, PYTHON=sys.executable, MOEOPS_AB_NEW="HEAD")
+    env.pop("LD_PRELOAD", None)  # the sanitizer run preloads ASan; the compiler needs none of it
+    cases = ["4 16 64 1 fp32", "3 8 40 2 bf16", "1 9 20 1 fp32"]  # K tails, an N tail, decode
+    r = subprocess.run(["bash", str(SCRIPT), "HEAD", *cases], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "GFLOP/s" in ln]
+    assert len(lines) == len(cases), r.stdout
+    for ln in lines:
+        assert "outputs bit-equal" in ln, ln
