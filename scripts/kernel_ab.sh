@@ -21,10 +21,16 @@ PY=${PYTHON:-python}
 CXX_BIN=${CXX:-c++}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-mkdir -p "$OUT/base" "$OUT/new"
+case "${MOEOPS_AB_ISA:=avx2}" in
+  avx2 | portable) ;;
+  avx512bf16) grep -qw avx512_bf16 /proc/cpuinfo || { echo "this CPU has no AVX512-BF16" >&2; exit 2; } ;;
+  *) echo "MOEOPS_AB_ISA must be avx2, avx512bf16 or portable, not '$MOEOPS_AB_ISA'" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT/base"
 git archive "$BASE" csrc | tar -x -C "$OUT/base"
 NEW_SRC=csrc
 if [ -n "${MOEOPS_AB_NEW:-}" ]; then
+  mkdir -p "$OUT/new"
   git archive "$MOEOPS_AB_NEW" csrc | tar -x -C "$OUT/new"
   NEW_SRC="$OUT/new/csrc"
 fi
@@ -40,10 +46,10 @@ if [ $# -eq 0 ]; then
 fi
 NEW_NAME="working tree"
 [ -n "${MOEOPS_AB_NEW:-}" ] && NEW_NAME=$(git rev-parse --short "$MOEOPS_AB_NEW")
-echo "base: $(git rev-parse --short "$BASE"), new: $NEW_NAME; tier: ${MOEOPS_AB_ISA:-avx2}; $(date -u +%FT%TZ)"
+echo "base: $(git rev-parse --short "$BASE"), new: $NEW_NAME; tier: $MOEOPS_AB_ISA; $(date -u +%FT%TZ)"
 status=0
 for c in "$@"; do
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 "$OUT/ab" $c || status=1
+  OMP_NUM_THREADS=1 MOEOPS_AB_ISA=$MOEOPS_AB_ISA "$OUT/ab" $c || status=1
 done
 exit $status

@@ -1,8 +1,9 @@
 """scripts/kernel_ab.sh, the interleaved A/B harness for the CPU expert GEMM (docs/performance.md).
 
 Run A/A (HEAD against HEAD, so uncommitted kernel changes do not matter) on tiny cases: the
-harness must build both copies into one process, run them, and find their outputs bit-equal. No timing is checked. The script reads the base kernel with ``git archive``,
-so it needs a git checkout and a C++ compiler; elsewhere (an installed package) it is skipped.
+harness must build both copies into one process, run them, and find their outputs bit-equal.
+No timing is checked. The script reads the kernels with ``git archive``, so it needs a git
+checkout and a C++ compiler; elsewhere (an installed package) it is skipped.
 """
 
 from __future__ import annotations
