@@ -43,6 +43,18 @@ MOEOPS_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The sums of the 8 lanes of a, b, c and d, as one vector, each by hsum8's tree: lanes i and
+// i+4 first, then (0+2) + (1+3). A 4x4 transpose puts the four trees side by side, so each
+// output gets the same bits whether it is reduced with three others or alone.
+MOEOPS_AVX2 inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  __m128 r0 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  __m128 r1 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+  __m128 r2 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+  __m128 r3 = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i = lane i of a, b, c, d
+  return _mm_add_ps(_mm_add_ps(r0, r2), _mm_add_ps(r1, r3));
+}
+
 // MR x NR accumulators of 8 lanes each; K in steps of 8, scalar tail.
 // `prefetch`: the next weight panel (NR rows, stride ldb), pulled into L2 during this block's
 // k-loop so that its memory reads overlap this panel's arithmetic; null for none. With
@@ -52,18 +64,22 @@ template <int MR, int NR, class W>
 MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, int64_t ldb, int64_t K, float* C,
                                        int64_t ldc, bool accumulate, const W* prefetch = nullptr, int pf_part = 0,
                                        int pf_parts = 1) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per 64-byte line
   __m256 acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  // the k of this block's next prefetched line (its share: every pf_parts-th line); past K: none
+  int64_t pf_k = prefetch ? pf_part * kLine : K;
+  const int64_t pf_step = pf_parts * kLine;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    // one prefetch per 64-byte line of each next-panel row (this block's share of the lines)
-    if (prefetch && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0 &&
-        (k * static_cast<int64_t>(sizeof(W)) / 64) % pf_parts == pf_part)
+    if (k == pf_k) {
+      pf_k += pf_step;
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(prefetch + n * ldb + k), _MM_HINT_T1);
+    }
     __m256 a[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) a[m] = _mm256_loadu_ps(A + m * lda + k);
@@ -72,6 +88,20 @@ MOEOPS_AVX2 inline void dot_block_avx2(const float* A, int64_t lda, const W* B, 
       const __m256 b = load8(B + n * ldb + k);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) acc[m][n] = _mm256_fmadd_ps(a[m], b, acc[m][n]);
+    }
+  }
+  if constexpr (NR % 4 == 0) {
+    if (k == K) {  // four outputs at a time, the accumulators never leave the registers
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+        for (int n = 0; n < NR; n += 4) {
+          float* c = C + m * ldc + n;
+          __m128 s = hsum8x4(acc[m][n], acc[m][n + 1], acc[m][n + 2], acc[m][n + 3]);
+          if (accumulate) s = _mm_add_ps(_mm_loadu_ps(c), s);
+          _mm_storeu_ps(c, s);
+        }
+      return;
     }
   }
   for (int m = 0; m < MR; ++m) {
