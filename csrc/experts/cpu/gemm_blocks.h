@@ -308,9 +308,10 @@ void dot_512(const typename Ops::TA* A, int64_t lda, int64_t M, const typename O
 // C[0:M, 0:N] (+)= A[0:M, :] . B[0:N, :]^T over K (fp32 activations). AVX512 tier: dot_512 with
 // 512-bit FMAs. AVX2 tier: the weight panel of 4 (or 8) rows stays in L1 while all M rows
 // stream past it; rows are taken 3 at a time (12 accumulators).
-// K is not blocked: measured on this CPU, the 3x4 block reaches ~89 GFLOP/s per core over
+// K is not blocked: measured on a Zen 4 (2026-11-28), the 3x4 block reaches ~89 GFLOP/s per core over
 // K=2048 and only 54 (K=256) / 82 (K=512) when K is cut, because every block ends with 12
-// horizontal sums.
+// horizontal sums. On a Zen 3 (2026-12-03) K chunks of 256-1024 with the lanes carried between
+// chunks (no extra sums, bit-equal) were still slower: 0.69-0.93x.
 // `after`: the next call's weights (same ldb), prefetched during the last panel.
 template <class W>
 void gemm_dot(const float* A, int64_t lda, int64_t M, const W* B, int64_t ldb, int64_t N, int64_t K,
