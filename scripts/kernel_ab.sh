@@ -7,10 +7,11 @@
 # where whole-layer runs in separate processes drift by 2x. Functions and loops are aligned to
 # 64 bytes in both copies: without that, two copies of the same source differed by up to 15%
 # (code placement; 2026-12-03, Zen 3). Run it on an otherwise idle machine; it uses one thread.
-#   bash scripts/kernel_ab.sh [BASE] ["M N K E fp32|bf16" ...]
+#   bash scripts/kernel_ab.sh [BASE] ["M N K E fp32|bf16|bf16x" ...]
 # Default cases: Qwen3-30B-A3B's up (N=1536, K=2048) and down (N=2048, K=768) projections with 16
 # and 48 rows against each of E=8 experts (fp32 weights; bf16 weights widened), and one row
-# (decode). MOEOPS_AB_ISA picks the tier (avx2, the default; avx512bf16 where the CPU has it;
+# (decode). "bf16x" times gemm_dot_bf16 (bf16 activations and weights, the bf16 layer's GEMM on
+# AVX512-BF16 CPUs; needs MOEOPS_AB_ISA=avx512bf16). MOEOPS_AB_ISA picks the tier (avx2, the default; avx512bf16 where the CPU has it;
 # portable); MOEOPS_AB_FLAGS adds compiler flags. Needs git, a C++ compiler and torch (headers,
 # libc10) in $PYTHON (default python).
 set -euo pipefail

@@ -30,3 +30,7 @@ void AB_CAT(gemm_bf16w_, MOEOPS_AB_NS)(const float* A, int64_t lda, int64_t M, c
                                        int64_t K, float* C) {
   moeops::MOEOPS_AB_NS::gemm_dot<c10::BFloat16>(A, lda, M, B, K, N, K, C, N, false);
 }
+void AB_CAT(gemm_bf16x_, MOEOPS_AB_NS)(const c10::BFloat16* A, int64_t lda, int64_t M, const c10::BFloat16* B,
+                                       int64_t N, int64_t K, float* C) {
+  moeops::MOEOPS_AB_NS::gemm_dot_bf16(A, lda, M, B, K, N, K, C, N, false);
+}
