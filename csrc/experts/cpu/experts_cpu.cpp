@@ -18,6 +18,7 @@
 
 #include "common/cpu_combine.h"
 #include "common/cpu_memory.h"
+#include "experts/cpu/epilogue.h"
 #include "experts/cpu/gemm_blocks.h"
 #include "experts/experts_prepare.h"
 #include "ops.h"
@@ -56,20 +57,6 @@ int64_t column_block(int64_t total_rows_of_work, int64_t N, int64_t align) {
 
 
 Tensor to_f32_contig(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
-
-inline float act_fn(Act a, float x) {
-  switch (a) {
-    case Act::Silu: return x / (1.f + std::exp(-x));
-    case Act::Gelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-    case Act::GeluTanh: {
-      const float c = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * x * (1.f + std::tanh(c * (x + 0.044715f * x * x * x)));
-    }
-    case Act::Relu: return x > 0.f ? x : 0.f;
-    case Act::Relu2: return x > 0.f ? x * x : 0.f;
-  }
-  return x;
-}
 
 }  // namespace
 
@@ -371,19 +358,11 @@ Tensor fused_experts_core(const Tensor& hidden_in, const Tensor& ids, const Tens
             if (gated) cpu::gemm_dot(Xp + it.m0 * H, H, M, Uw + it.n0 * H, H, nb, H, Cg + I + it.n0, NU, false, next_gate);
           }
           const float* bu = bup ? bup + it.e * NU : nullptr;
-          for (int64_t m = 0; m < M; ++m) {
+          for (int64_t m = 0; m < M; ++m) {  // on the bf16 path Ub is the down projection's input
             float* row = Cg + m * NU;
-            for (int64_t j = it.n0; j < it.n1; ++j) {
-              float g = row[j] + (bu ? bu[j] : 0.f);
-              float a = act_fn(d.act, g);
-              if (gated) a *= row[I + j] + (bu ? bu[I + j] : 0.f);
-              if (bf16_dot) {  // the down projection's input, and U keeps the same value
-                const c10::BFloat16 ab(a);
-                Ubp[(it.m0 + m) * I + j] = ab;
-                a = static_cast<float>(ab);
-              }
-              row[j] = a;
-            }
+            cpu::act_epilogue(d.act, row + it.n0, gated ? row + I + it.n0 : nullptr, bu ? bu + it.n0 : nullptr,
+                              bu && gated ? bu + I + it.n0 : nullptr, bf16_dot ? Ubp + (it.m0 + m) * I + it.n0 : nullptr,
+                              nb);
           }
         }
       });
