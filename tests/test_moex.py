@@ -244,6 +244,23 @@ def test_experts_match_reference_and_paths_agree(T, density, wdt, cpu_isa):
         assert abs(float(frac) - density) < 0.15, frac  # the inputs have the density asked for
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["b_enc", "no_b_enc"])
+def test_experts_without_features_count_bias_units(device, bias):
+    """d = 0: nothing to multiply, but a slot's pre-activation is b_enc[e], so `active` counts
+    the units with ReLU(b_enc[e]) != 0 (NaN counts), as the reference does; 0 for empty slots."""
+    nan = float("nan")
+    b_enc = torch.tensor([[1.0, -1.0, 0.0, 2.0, nan], [-1.0] * 5, [3.0] * 5]) if bias else None
+    ids = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0]], dtype=torch.int32)
+    x, w = torch.zeros(4, 0), torch.rand(4, 2, generator=_gen(0))
+    w_enc, w_dec = torch.zeros(3, 5, 0), torch.zeros(3, 5, 0)
+    want_out, want_active = ref.moex_experts(x, ids, w, w_enc, b_enc, w_dec, None, return_active=True)
+    on = (lambda t: None if t is None else t.to(device))
+    out, active = moeops.moex_experts(*map(on, (x, ids, w, w_enc, b_enc, w_dec)), None, return_active=True)
+    assert out.shape == (4, 0) and out.device.type == device
+    assert torch.equal(active.cpu(), want_active)
+    assert active.tolist() == ([[3, 5], [0, 0], [0, 0], [5, 3]] if bias else [[0, 0]] * 4)
+
+
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.97])
 def test_down_projection_paths_are_exact(density):
     """The sparse tile paths (rows / union) and the dense tile kernel compute the same FMA chain

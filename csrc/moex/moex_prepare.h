@@ -157,6 +157,18 @@ struct MoexDims {
   MoexDown down;
 };
 
+// moex_experts' `active [T, K]` when d == 0 (no input features, nothing to compute): a slot of
+// expert e has u = b_enc[e], so its count is the number of units with ReLU(b_enc[e]) != 0 (NaN
+// counts); 0 for empty slots (ids outside [0, M)) and without b_enc. On ids' device.
+inline Tensor moex_active_without_features(const Tensor& ids, const std::optional<Tensor>& b_enc, int64_t M) {
+  Tensor active = at::zeros(ids.sizes(), ids.options());
+  if (!b_enc.has_value() || M == 0 || ids.numel() == 0) return active;
+  const Tensor per_expert = b_enc->to(ids.device(), at::kFloat).relu().ne(0).sum(1, false, at::kInt);  // [M]
+  const Tensor valid = ids.ge(0).logical_and(ids.lt(M));
+  const Tensor idx = ids.clamp(0, M - 1).reshape({-1}).to(at::kLong);
+  return per_expert.index_select(0, idx).reshape(ids.sizes()).masked_fill(valid.logical_not(), 0);
+}
+
 // hidden [T, d], ids/weights [T, K], w_enc/w_dec [M, D, d], b_enc [M, D], b_dec [M, d].
 inline MoexDims check_moex_experts_args(const Tensor& hidden, const Tensor& ids, const Tensor& weights,
                                         const Tensor& w_enc, const std::optional<Tensor>& b_enc,

@@ -93,8 +93,10 @@ def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     weights[t,k] * y`` in fp32, slot order. ``down``: ``"auto"`` (per tile of rows: gather the
     active decoder rows or skip units inactive for the whole tile; per expert, a dense GEMM
     when that is estimated cheaper, i.e. at high density), ``"sparse"`` (never dense) or
-    ``"dense"``. The sparse paths are exact (each output the same fp32 FMA chain as a dense loop
-    over the units, zeros skipped); the dense GEMM agrees to fp32 rounding.
+    ``"dense"``. The sparse paths are exact for finite decoder weights (each output the same fp32
+    FMA chain as a dense loop over the units, zeros skipped; a skipped unit's ``0 * inf`` would
+    be NaN in the dense loop); the dense GEMM agrees to fp32 rounding. With ``d = 0`` the output
+    is empty and ``active`` counts the units with ``ReLU(b_enc[e]) != 0``.
     ``return_active`` adds ``active [T, K]`` int32, the number of non-zero units per slot.
     Differentiable with respect to hidden, weights and all expert parameters.
     """

@@ -143,6 +143,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an arch without mma.sync bf16/f16 (< sm_80): fail loudly, never zeros
 #endif
 }
 
@@ -513,8 +515,9 @@ bool grouped_gemm_uses_decode(const GroupedGemmParams& p, int64_t max_rows_per_e
 void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert, int device_major, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream) {
   if (p.E < 1 || p.R <= 0 || p.N_out <= 0) return;
-  if (p.epilogue == Epilogue::GatedAct && p.N_out != p.gated_half)
-    throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: GatedAct needs N_out == gated_half");
+  if (p.epilogue == Epilogue::GatedAct && (p.N_out != p.gated_half || p.N_w < 2 * p.gated_half))
+    throw std::invalid_argument(
+        "moeops::cuda::launch_grouped_gemm: GatedAct needs N_out == gated_half and N_w >= 2 * gated_half");
   if (workspace == nullptr || workspace_bytes < grouped_gemm_workspace_bytes(p.E))
     throw std::invalid_argument("moeops::cuda::launch_grouped_gemm: workspace too small");
 
@@ -545,7 +548,8 @@ void launch_grouped_gemm(const GroupedGemmParams& p, int64_t max_rows_per_expert
   int32_t* tile_start = static_cast<int32_t*>(workspace);
   tile_start_kernel<<<1, 1024, 0, stream>>>(p, tile_start);
   check_cuda(cudaGetLastError(), "grouped_gemm tile schedule launch");
-  const int64_t tiles_bound = (p.R + kTileRows - 1) / kTileRows + p.E;
+  // each expert with rows adds at most one partial tile, and at most min(E, R) experts have rows
+  const int64_t tiles_bound = (p.R + kTileRows - 1) / kTileRows + std::min<int64_t>(p.E, p.R);
   const unsigned gy = static_cast<unsigned>(std::min<int64_t>(tiles_bound, kMaxGridY));
   const bool gated = p.epilogue == Epilogue::GatedAct;
   const bool tc = grouped_gemm_uses_tensor_cores(p, device_major);

@@ -543,7 +543,8 @@ std::tuple<Tensor, Tensor> moex_experts_cpu(const Tensor& hidden_in, const Tenso
 
   Tensor out = at::empty({T, d}, hidden_in.options());
   Tensor active = return_active ? at::zeros({T, K}, ids.options()) : at::empty({0}, ids.options());
-  if (T == 0 || d == 0) return {out, active};
+  if (T == 0) return {out, active};
+  if (d == 0) return {out, return_active ? moex_active_without_features(ids, b_enc_in, M) : active};
 
   auto f32 = hidden_in.options().dtype(at::kFloat);
   Tensor X = at::empty({R, d}, f32), U = at::empty({R, D}, f32), Y = at::empty({R, d}, f32);

@@ -45,7 +45,9 @@ std::tuple<Tensor, Tensor> moex_experts_cuda(MOEOPS_MOEX_EXPERTS_ARGS) {
   Tensor out = at::empty({dm.T, dm.d}, hidden.options());
   auto f32 = hidden.options().dtype(at::kFloat);
   Tensor active = at::zeros({dm.T, dm.K}, ids.options());
-  if (dm.T == 0 || dm.d == 0) return {out, return_active ? active : at::empty({0}, ids.options())};
+  if (dm.T == 0) return {out, return_active ? active : at::empty({0}, ids.options())};
+  if (dm.d == 0)
+    return {out, return_active ? moex_active_without_features(ids_c, b_enc, dm.M) : at::empty({0}, ids.options())};
   // fp32 scratch per slot: the expert's hidden units [D] and its output [d]. Long prompts run in
   // token chunks of at most kMoexScratchBytes of scratch (every token's arithmetic is the same
   // whatever the chunk).

@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -211,6 +212,8 @@ void launch_moex_route(const MoexRouteParams& p, cudaStream_t stream) {
   if (p.M < 1 || p.M > kMaxExperts || p.k < 1 || p.k > p.M)
     throw std::invalid_argument("moeops::cuda::launch_moex_route: invalid M=" + std::to_string(p.M) +
                                 " or k=" + std::to_string(p.k));
+  if (p.T > INT_MAX)  // one block per token: gridDim.x < 2^31
+    throw std::invalid_argument("moeops::cuda::launch_moex_route: T=" + std::to_string(p.T) + " exceeds 2^31 - 1");
   route_kernel<<<static_cast<unsigned>(p.T), kRouteThreads, 0, stream>>>(p);
 }
 
