@@ -2,8 +2,8 @@
 # One-command GPU check for any CUDA machine with torch, nvcc, cmake and ninja but no network.
 # Order, most important results first: install the wheel prebuilt for this exact source
 # (scripts/prebuild_gpu_wheel.sh, folder prebuilt/) or else build from the checkout; the
-# CUDA/Triton tests; the grouped-GEMM and fused-layer benchmarks; compute-sanitizer memcheck and
-# racecheck on small cases of every CUDA op; then a compact table. Each step is time-capped and
+# CUDA/Triton tests; compute-sanitizer memcheck on small cases of every CUDA op; the grouped-GEMM
+# and fused-layer benchmarks; racecheck; then a compact table. Each step is time-capped and
 # no step starts after $MOEOPS_GPU_DEADLINE (default 465 s), so the script ends within 8 min.
 # Full logs go to $MOEOPS_GPU_OUT (default ./gpu_out); with MOEOPS_GPU_PACK=1 they end up in one
 # file there, gpu_check_logs.tar.gz (the device tool brings back at most 8 files).
@@ -29,7 +29,8 @@ step() {  # step NAME CAP CMD...: run for at most CAP s (less near the deadline)
   local left=$(( DEADLINE - (t0 - T0) - 5 ))
   if (( left < 15 )); then status[$name]="skipped (deadline)"; echo "[$name] skipped: deadline"; return 124; fi
   (( limit > left )) && limit=$left
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local args=("${@//@STOP@/$(( limit * 7 / 10 ))}")  # @STOP@: a benchmark's own --deadline
+  timeout "$limit" "${args[@]}" > "$OUT/$name.log" 2>&1
   local rc=$?
   status[$name]="rc=$rc $(( $(date +%s) - t0 ))s"
   echo "[$name] ${status[$name]} (at $(( $(date +%s) - T0 ))s)"
@@ -55,17 +56,17 @@ fi
 (cd /tmp && $PY -m moeops.info) > "$OUT/info.log" 2>&1
 export PYTHONUNBUFFERED=1
 XDIST=""
-$PY -c "import xdist" 2> /dev/null && XDIST="-n 4"
+$PY -c "import xdist" 2> /dev/null && XDIST="-n ${MOEOPS_GPU_XDIST:-4}"  # pytest workers (Triton compiles on the CPU)
 PERTEST=""  # one hung test must not eat the step: pytest-timeout where installed
 $PY -c "import pytest_timeout" 2> /dev/null && PERTEST="--timeout 100"
 # -v: every test's outcome is in the log as it finishes, so a step cut by its cap still says
 # which tests passed and failed
 step tests 180 $PY -m pytest -v -rfE -m cuda ${MOEOPS_GPU_TESTS:-tests} -p no:cacheprovider $XDIST $PERTEST --junitxml="$OUT/tests.xml"
-step bench_gemm 90 $PY -m moeops bench --suite gemm --device cuda --time-budget 0.3 --repeats 20 --quiet \
-  --json "$OUT/bench_gemm.json"
-step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --time-budget 0.3 --quiet \
-  --json "$OUT/bench.json"
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
+step bench_gemm 90 $PY -m moeops bench --suite gemm --device cuda --time-budget 0.3 --repeats 20 --quiet \
+  --deadline @STOP@ --json "$OUT/bench_gemm.json"
+step bench 120 $PY -m moeops bench --device cuda --min-runs 3 --repeats 10 --time-budget 0.3 --quiet \
+  --deadline @STOP@ --json "$OUT/bench.json"
 step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/gpu_sanitize_cases.py
 # then, if time is left: whole layers with the grouped GEMMs forced onto mma.sync / CUTLASS sm_90a
 # at 16-128 rows per expert on average (Qwen3-30B-A3B: T / 16), where auto switches (kSm90MinAvgRows)
@@ -74,11 +75,11 @@ $PY -c "import moeops, torch; assert moeops._C.sm90_grouped_gemm and torch.cuda.
   2> /dev/null && PATHS=$PATHS,moeops-sm90
 step bench_paths 60 $PY -m moeops bench --device cuda --models qwen3-30b-a3b --dtypes bf16 \
   --tokens 256,512,1024,2048 --peers $PATHS --min-runs 3 --repeats 10 --time-budget 0.2 --quiet \
-  --json "$OUT/bench_paths.json"
+  --deadline @STOP@ --json "$OUT/bench_paths.json"
 # last, only if time is left: the Triton autotuner's choices on two prefill shapes (for _CANDIDATES)
 step triton_tune 60 $PY -m moeops bench --suite gemm --device cuda --peers triton,triton-tuned,torch \
   --models qwen3-30b-a3b,mixtral-8x7b --tokens 512,4096 --time-budget 0.2 --repeats 10 --quiet \
-  --json "$OUT/bench_triton_tune.json"
+  --deadline @STOP@ --json "$OUT/bench_triton_tune.json"
 
 # the benchmark tables first, then the status, tests and sanitizer lines: the device tool keeps
 # the last 12,000 characters of the output, so what matters most is printed last

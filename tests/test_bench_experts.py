@@ -92,3 +92,14 @@ def test_gemm_path_implementations_run_on_a_gpu(tiny):
     assert r["ok"], be.format_experts_bench(r)
     assert all(set(peers) <= set(c["results"]) for c in r["cases"])
     assert "mma, sm90" in be.format_experts_bench(r)
+
+
+def test_deadline_stops_starting_cases_and_names_them(tiny):
+    """A deadline already past: no case runs, each is named in not_run and in a note, and the
+    table still prints (what gpu_check.sh relies on when it caps a benchmark step)."""
+    r = _run(["moeops"], deadline_s=0.0)
+    assert r["cases"] == [] and r["not_run"] == ["tiny bf16 T=5", "tiny fp32 T=1"]
+    assert any("deadline of 0 s reached: 2 case(s) not run" in n for n in r["notes"])
+    assert "deadline" in be.format_experts_bench(r)
+    r = _run(["moeops"], deadline_s=1e9)
+    assert len(r["cases"]) == 2 and r["not_run"] == []

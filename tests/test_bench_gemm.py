@@ -118,3 +118,12 @@ def test_time_adaptive_on_a_gpu_uses_events_and_the_same_run_counts():
     assert torch.equal(x, torch.full_like(x, 12))  # every timed run ran once
     assert len(be.time_adaptive(lambda: x.add_(1), dev, min_runs=3, max_runs=12, time_budget=0.0,
                                 time_cap=1e9)) == 3
+
+
+def test_deadline_stops_starting_cases_and_names_them(tiny):
+    r = _run(peers=["moeops"], deadline_s=0.0)
+    assert r["cases"] == [] and len(r["not_run"]) == 4  # 2 projections x 2 token counts
+    assert "tiny up T=5" in r["not_run"] and any("deadline" in n for n in r["notes"])
+    assert "deadline" in bg.format_gemm_bench(r)
+    r = _run(peers=["moeops"], deadline_s=1e9)
+    assert len(r["cases"]) == 4 and r["not_run"] == []

@@ -611,8 +611,11 @@ class _Progress:
 def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
                       device: str = "cpu", moeops_backend: str = "auto", min_runs: int = 3,
                       max_runs: int = 30, time_budget: float = 2.0,
-                      batched_mm_max_tokens: int = 4, progress: bool = True) -> dict:
-    """Runs the experts benchmark over ``cases``; returns a JSON-able dict (see module doc)."""
+                      batched_mm_max_tokens: int = 4, progress: bool = True,
+                      deadline_s: float | None = None) -> dict:
+    """Runs the experts benchmark over ``cases``; returns a JSON-able dict (see module doc).
+    ``deadline_s``: no case starts after this many seconds from the start; the cases left are
+    listed in the notes (a time-capped run still reports what it finished)."""
     t_start = time.perf_counter()
     try:
         import transformers
@@ -643,10 +646,14 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
     bar.step()
 
     results = []
+    not_run: list[str] = []
     layer: Layer | None = None
     try:
         with torch.inference_mode():
             for c in cases:
+                if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+                    not_run.append(c.label)
+                    continue
                 if layer is None or (layer.model, layer.dtype) != (c.model, c.dtype):
                     layer = None
                     gc.collect()
@@ -668,6 +675,9 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
     for r in results:
         _add_limits(r, machine)
     notes = [backend_note] if backend_note else []
+    if not_run:
+        notes.append(f"deadline of {deadline_s:g} s reached: {len(not_run)} case(s) not run "
+                     f"({', '.join(not_run)})")
     busy = [x for x in [load_start, load_end] + [r["other_cpu_load"] for r in results]
             if x is not None]
     if busy and max(busy) > 0.1:
@@ -687,6 +697,7 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
                      "batched_mm_max_tokens": batched_mm_max_tokens, "peers": list(peers)},
         "cases": results,
         "ok": all(r["ok"] for r in results),
+        "not_run": not_run,
         "wall_s": time.perf_counter() - t_start,
     }
 

@@ -31,6 +31,7 @@ are medians of CUDA-event (GPU) or wall-clock (CPU) runs after a warm-up; the FL
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -149,10 +150,13 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
                    dtype: str = "bf16", projections: Sequence[str] = PROJECTIONS,
                    peers: Sequence[str] | None = None, device: str | torch.device = "cuda",
                    min_runs: int = 5, max_runs: int = 50, time_budget: float = 0.5,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None,
+                   deadline_s: float | None = None) -> dict:
     """Runs the suite; returns a JSON-able dict (cases with per-peer medians, FLOP rates, the
     ratio to ``torch`` and the fraction of the dense rate). ``ok`` is False when an
-    implementation failed its correctness check."""
+    implementation failed its correctness check. ``deadline_s``: no case starts after this
+    many seconds; the cases left are listed in ``not_run`` and the notes."""
+    t_start = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked but torch sees no CUDA device")
@@ -179,9 +183,12 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     machine["dense_rate"] = dense_rate
     dt = DTYPES[dtype]
     g = torch.Generator(device=dev).manual_seed(0)
-    cases, ok = [], True
+    cases, ok, not_run = [], True, []
     for model in models:
         for proj in projections:
+            if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+                not_run += [f"{model} {proj} T={T}" for T in tokens]
+                continue
             E, K, N, Kd = gemm_dims(model, proj)
             w = torch.randn(E, N, Kd, device=dev, generator=g, dtype=dt) * Kd ** -0.5
             for T in tokens:
@@ -230,8 +237,11 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
                      for k, v in _triton.tuned_configs().items()}
         except ImportError:  # no triton: nothing was tuned
             pass
+    if not_run:
+        notes.append(f"deadline of {deadline_s:g} s reached: {len(not_run)} case(s) not run "
+                     f"({', '.join(not_run)})")
     return dict(suite="gemm", device=str(dev), dtype=dtype, ok=ok, notes=notes, machine=machine,
-                peers=wanted, cases=cases, triton_tuned=tuned,
+                peers=wanted, cases=cases, not_run=not_run, triton_tuned=tuned,
                 gpu=torch.cuda.get_device_name(dev) if on_gpu else None,
                 versions=dict(torch=torch.__version__, moeops=_moeops_version(),
                               cuda_gemm_auto_sm90=bool(getattr(moeops._C, "sm90_grouped_gemm", False))))

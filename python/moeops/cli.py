@@ -63,7 +63,8 @@ def _experts_bench(args) -> int:
             cases, peers=args.peers or be.default_peers(args.device), device=args.device,
             moeops_backend=args.backend, min_runs=args.min_runs,
             max_runs=args.repeats or 30, time_budget=args.time_budget,
-            batched_mm_max_tokens=args.batched_mm_max_tokens, progress=not args.quiet)
+            batched_mm_max_tokens=args.batched_mm_max_tokens, progress=not args.quiet,
+            deadline_s=args.deadline)
     except ValueError as e:  # unknown implementation names
         raise SystemExit(f"moeops bench: {e}") from None
     except RuntimeError as e:
@@ -110,6 +111,7 @@ def _gemm_bench(args) -> int:
         r = run_gemm_bench(models=args.models, tokens=args.tokens, dtype=args.dtype,
                            peers=args.peers, device=args.device, min_runs=args.min_runs,
                            max_runs=args.repeats or 50, time_budget=args.time_budget,
+                           deadline_s=args.deadline,
                            progress=None if args.quiet or args.json == "-" else
                            (lambda line: print(line, file=sys.stderr)))
     except (ValueError, RuntimeError) as e:
@@ -200,6 +202,9 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=0,
                    help="routing: timed runs per stage (10); experts: most timed runs per "
                         "implementation and case (30)")
+    b.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="experts and gemm suites: start no case after this many seconds and "
+                        "report the ones finished (the rest are named in the notes)")
     g = b.add_argument_group("experts suite")
     g.add_argument("--full", action="store_true",
                    help="every model x T in 1,4,16,64,256,1024 x fp32,bf16 (long)")
