@@ -184,14 +184,21 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     dt = DTYPES[dtype]
     g = torch.Generator(device=dev).manual_seed(0)
     cases, ok, not_run = [], True, []
+
+    def late() -> bool:
+        return deadline_s is not None and time.perf_counter() - t_start > deadline_s
+
     for model in models:
         for proj in projections:
-            if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+            if late():  # not even the weights
                 not_run += [f"{model} {proj} T={T}" for T in tokens]
                 continue
             E, K, N, Kd = gemm_dims(model, proj)
             w = torch.randn(E, N, Kd, device=dev, generator=g, dtype=dt) * Kd ** -0.5
             for T in tokens:
+                if late():
+                    not_run.append(f"{model} {proj} T={T}")
+                    continue
                 offsets_cpu = routed_offsets(T, E, K, seed=T)
                 offsets = offsets_cpu.to(dev)
                 R = T * K
