@@ -676,8 +676,7 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
         _add_limits(r, machine)
     notes = [backend_note] if backend_note else []
     if not_run:
-        notes.append(f"deadline of {deadline_s:g} s reached: {len(not_run)} case(s) not run "
-                     f"({', '.join(not_run)})")
+        notes.append(deadline_note(deadline_s, not_run))
     busy = [x for x in [load_start, load_end] + [r["other_cpu_load"] for r in results]
             if x is not None]
     if busy and max(busy) > 0.1:
@@ -700,6 +699,12 @@ def run_experts_bench(cases: Sequence[Case], peers: Sequence[str] = PEERS,
         "not_run": not_run,
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def deadline_note(deadline_s: float, not_run: Sequence[str]) -> str:
+    """The note a suite adds when its ``deadline_s`` left the cases ``not_run`` unstarted."""
+    return (f"deadline of {deadline_s:g} s reached: {len(not_run)} case(s) not run "
+            f"({', '.join(not_run)})")
 
 
 def _moeops_version() -> str:

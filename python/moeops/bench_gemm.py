@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, gemm_path, measure_machine,
-                                  rel_err, time_adaptive)
+from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, deadline_note, gemm_path,
+                                  measure_machine, rel_err, time_adaptive)
 
 PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "triton-tuned", "torch", "dense")
 OPT_IN_PEERS = ("triton-tuned",)  # run only when named in --peers
@@ -245,8 +245,7 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
         except ImportError:  # no triton: nothing was tuned
             pass
     if not_run:
-        notes.append(f"deadline of {deadline_s:g} s reached: {len(not_run)} case(s) not run "
-                     f"({', '.join(not_run)})")
+        notes.append(deadline_note(deadline_s, not_run))
     return dict(suite="gemm", device=str(dev), dtype=dtype, ok=ok, notes=notes, machine=machine,
                 peers=wanted, cases=cases, not_run=not_run, triton_tuned=tuned,
                 gpu=torch.cuda.get_device_name(dev) if on_gpu else None,
