@@ -248,5 +248,5 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="backend must be one of"):
         moeops.topk_gating(x, 2, backend="fast")
     if not moeops._C.with_cuda:
-        from moeops.backends import why_not_cpp
+        from moeops._dispatch import why_not_cpp
         assert "built without CUDA" in why_not_cpp(torch.device("cuda"))

@@ -24,7 +24,7 @@ import torch
 
 import moeops
 from moeops import reference
-from moeops.backends import resolve
+from moeops._dispatch import resolve
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRITON = "triton is not importable (pip install triton)"
@@ -98,17 +98,17 @@ def run_gg_case(name, device):
 
 def run_gpu_configs_case(name, device):
     """Every tile config of the shape-class table (not only the interpreter's small one)."""
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
-    pick = gg._pick_config
+    tuning = importlib.import_module("moeops._triton.tuning")
+    pick = tuning.pick_config
     try:
-        for _, *cfg in gg._CONFIGS:
-            gg._pick_config = lambda R, E, cfg=tuple(cfg): cfg
+        for _, *cfg in tuning.CONFIGS:
+            tuning.pick_config = lambda R, E, cfg=tuple(cfg): cfg
             for dt in ("fp32", "bf16"):
                 for t in (False, True):
                     run_grouped_gemm(device, "mixed", dt, t)
                     run_grouped_gemm(device, "many_experts", dt, t)
     finally:
-        gg._pick_config = pick
+        tuning.pick_config = pick
 
 
 def run_fe_case(name, device):
@@ -226,8 +226,8 @@ def test_cpu_interpreter(interpreter_verdicts, case):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 def test_triton_on_cpu_without_interpreter_explains():
-    from moeops.backends import _triton_interpreting
-    if _triton_interpreting():
+    from moeops._dispatch import triton_interpreting
+    if triton_interpreting():
         pytest.skip("this process runs with TRITON_INTERPRET=1")
     x = torch.randn(4, 8)
     w = torch.randn(2, 3, 8)
@@ -265,14 +265,14 @@ class _FakeCuda:
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 @pytest.mark.parametrize("op", OPS)
 def test_auto_on_cuda_prefers_compiled_then_triton(monkeypatch, op):
-    from moeops import backends
-    monkeypatch.setattr(backends, "why_not_cpp", lambda device, op=None: None)
+    from moeops import _dispatch
+    monkeypatch.setattr(_dispatch, "why_not_cpp", lambda device, op=None: None)
     assert resolve(op, "auto", _FakeCuda()) is getattr(torch.ops.moeops, op)
-    monkeypatch.setattr(backends, "why_not_cpp", lambda device, op=None: "no CUDA kernel")
+    monkeypatch.setattr(_dispatch, "why_not_cpp", lambda device, op=None: "no CUDA kernel")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference fallback warns (once per reason)
         fn = resolve(op, "auto", _FakeCuda())
-    if op in backends.TRITON_OPS:  # no compiled CUDA kernel: Triton, not the slow reference
+    if op in _dispatch.TRITON_OPS:  # no compiled CUDA kernel: Triton, not the slow reference
         assert fn.__module__ == "moeops._triton.grouped_gemm", fn
     else:
         assert fn is getattr(reference, op)
@@ -293,11 +293,11 @@ def _compile_for_gpu(xdt, wdt, odt, cfg, has_bias, arch):
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
-    kern = gg._grouped_gemm_kernel
+    kernels = importlib.import_module("moeops._triton.kernels")
+    kern = kernels.grouped_gemm_kernel
     names = list(inspect.signature(kern.fn).parameters)
     ptrs = {"x_ptr": xdt, "w_ptr": wdt, "out_ptr": odt, "bias_ptr": torch.float32}
-    cdt = gg._TL_DTYPES[xdt] if xdt == wdt else tl.float32
+    cdt = kernels.TL_DTYPES[xdt] if xdt == wdt else tl.float32
     bm, bn, bk, warps, stages = cfg
     const = dict(HAS_BIAS=has_bias, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32, K_STATIC=0,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, stride_xk=1, stride_wk=1, stride_on=1)
@@ -321,24 +321,24 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
     """Every config of the shape-class table (and, in bf16, every autotuning candidate) compiles
     to a cubin (catches what the interpreter cannot: layouts, shared memory, dot operand types),
     on hosts without a GPU too."""
-    from moeops.backends import _triton_interpreting
-    if _triton_interpreting():
+    from moeops._dispatch import triton_interpreting
+    if triton_interpreting():
         pytest.skip("this process runs with TRITON_INTERPRET=1")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
+    tuning = importlib.import_module("moeops._triton.tuning")
     if "x" in dtypes:
         xdt, wdt = torch.bfloat16, torch.float32
     else:
         xdt = wdt = DTYPES[dtypes]
     # every class default in both output variants; for bf16 also the autotuner's other candidates
     runs = [(tuple(cfg), i == 0, ((xdt, False), (torch.float32, True)))
-            for i, (_, *cfg) in enumerate(gg._CONFIGS)]
+            for i, (_, *cfg) in enumerate(tuning.CONFIGS)]
     if dtypes == "bf16":
-        runs += [(cfg, False, ((xdt, False),)) for _, cands in gg._CANDIDATES for cfg in cands[1:]]
+        runs += [(cfg, False, ((xdt, False),)) for _, cands in tuning.CANDIDATES for cfg in cands[1:]]
     for cfg, with_sm80, variants in runs:
         stages = cfg[4]
         for odt, has_bias in variants:
@@ -363,8 +363,8 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 def test_autotuner_keeps_the_fastest_candidate_that_runs(monkeypatch):
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
-    monkeypatch.setattr(gg, "_TUNED", {})
+    tuning = importlib.import_module("moeops._triton.tuning")
+    monkeypatch.setattr(tuning, "_TUNED", {})
     cands = ((1,), (2,), (3,), (4,))
     cost = {(1,): 3.0, (2,): 1.0, (3,): 0.5, (4,): 2.0}
     launched = []
@@ -375,32 +375,32 @@ def test_autotuner_keeps_the_fastest_candidate_that_runs(monkeypatch):
             raise RuntimeError("out of resources")
 
     timer = lambda fn: (fn(), cost[launched[-1]])[1]  # noqa: E731
-    assert gg._tune("k", cands, launch, timer) == (2,)
-    assert gg.tuned_configs() == {"k": (2,)}
+    assert tuning.tune("k", cands, launch, timer) == (2,)
+    assert tuning.tuned_configs() == {"k": (2,)}
     n = len(launched)
-    assert gg._tune("k", cands, launch, timer) == (2,) and len(launched) == n  # cached
+    assert tuning.tune("k", cands, launch, timer) == (2,) and len(launched) == n  # cached
     # nothing runs: the class default comes back, uncached, so the real launch raises
-    assert gg._tune("bad", cands, lambda cfg: (_ for _ in ()).throw(RuntimeError("x")), timer) == (1,)
-    assert "bad" not in gg.tuned_configs()
+    assert tuning.tune("bad", cands, lambda cfg: (_ for _ in ()).throw(RuntimeError("x")), timer) == (1,)
+    assert "bad" not in tuning.tuned_configs()
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 def test_autotuner_switch_follows_the_environment_unless_set(monkeypatch):
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
-    monkeypatch.setattr(gg, "_AUTOTUNE", None)
+    tuning = importlib.import_module("moeops._triton.tuning")
+    monkeypatch.setattr(tuning, "_AUTOTUNE", None)
     monkeypatch.delenv("MOEOPS_TRITON_AUTOTUNE", raising=False)
-    assert not gg._autotune_enabled()
+    assert not tuning.autotune_enabled()
     monkeypatch.setenv("MOEOPS_TRITON_AUTOTUNE", "1")
-    assert gg._autotune_enabled()
-    gg.set_autotune(False)
-    assert not gg._autotune_enabled()
-    gg.set_autotune(True)
+    assert tuning.autotune_enabled()
+    tuning.set_autotune(False)
+    assert not tuning.autotune_enabled()
+    tuning.set_autotune(True)
     monkeypatch.delenv("MOEOPS_TRITON_AUTOTUNE")
-    assert gg._autotune_enabled()
-    gg.set_autotune(None)
-    assert not gg._autotune_enabled()
+    assert tuning.autotune_enabled()
+    tuning.set_autotune(None)
+    assert not tuning.autotune_enabled()
     # every candidate of a class is a 5-tuple and each class's default is its first candidate
-    for (bound, cands), (b2, *default) in zip(gg._CANDIDATES, gg._CONFIGS):
+    for (bound, cands), (b2, *default) in zip(tuning.CANDIDATES, tuning.CONFIGS):
         assert bound == b2 and tuple(default) == cands[0] and all(len(c) == 5 for c in cands)
 
 
@@ -408,9 +408,9 @@ def test_autotuner_switch_follows_the_environment_unless_set(monkeypatch):
 @pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()),
                     reason=f"needs a CUDA GPU and triton (cuda available: {torch.cuda.is_available()})")
 def test_autotuned_grouped_gemm_matches_reference_and_skips_tuning_in_graph_capture(monkeypatch):
-    gg = importlib.import_module("moeops._triton.grouped_gemm")
-    monkeypatch.setattr(gg, "_TUNED", {})
-    monkeypatch.setattr(gg, "_AUTOTUNE", True)
+    tuning = importlib.import_module("moeops._triton.tuning")
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(tuning, "_AUTOTUNE", True)
     g = torch.Generator().manual_seed(5)
     E, K, N = 8, 256, 192
     for R in (40, 3000):  # a decode-like and a prefill-like shape class
@@ -420,20 +420,21 @@ def test_autotuned_grouped_gemm_matches_reference_and_skips_tuning_in_graph_capt
         got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), backend="triton")
         want = reference.grouped_gemm(x, w, offsets)
         torch.testing.assert_close(got.cpu().float(), want.float(), **_tol(torch.bfloat16))
-    assert len(gg.tuned_configs()) == 2
+    assert len(tuning.tuned_configs()) == 2
+    tuned_before = tuning.tuned_configs()
     # a new shape key met during capture is not tuned (no host sync inside the graph)
     x = torch.randn(500, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
     offsets = _offsets([500 // E] * E, "cuda")
-    gg.set_autotune(False)
+    tuning.set_autotune(False)
     moeops.grouped_gemm(x, w, offsets, backend="triton")  # compile the default outside
-    gg.set_autotune(True)
+    tuning.set_autotune(True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moeops.grouped_gemm(x, w, offsets, backend="triton")
     graph.replay()
     torch.cuda.synchronize()
-    assert gg.tuned_configs() == {}
+    assert tuning.tuned_configs() == tuned_before
     torch.testing.assert_close(out.float(), reference.grouped_gemm(x, w, offsets).float(),
                                **_tol(torch.bfloat16))
 
@@ -455,8 +456,8 @@ def test_cuda(case):
 
 
 def _main() -> None:
-    from moeops.backends import _triton_interpreting
-    assert _triton_interpreting(), "run with TRITON_INTERPRET=1"
+    from moeops._dispatch import triton_interpreting
+    assert triton_interpreting(), "run with TRITON_INTERPRET=1"
     verdicts = {}
     for name, fn in {**CASES, **CPU_ONLY_CASES}.items():
         try:

@@ -12,33 +12,30 @@ from moeops._load import load_extension as _load_extension
 _C = _load_extension()
 
 from moeops import reference  # noqa: E402
-from moeops.backends import BACKENDS  # noqa: E402
+from moeops._dispatch import BACKENDS  # noqa: E402
+from moeops._version import __version__  # noqa: E402
 from moeops.ops import (  # noqa: E402
-    GatingResult,
     ExpertsStatsResult,
+    GatingResult,
+    MoexCode,
+    MoexExpertsResult,
+    MoexRouting,
+    MoexStats,
     RoutingPlan,
     combine,
     fused_experts,
     fused_experts_list,
     fused_experts_stats,
     grouped_gemm,
-    permute,
-    route_plan,
-    topk_gating,
-)
-from moeops.moex_ops import (  # noqa: E402
-    MoexCode,
-    MoexExpertsResult,
-    MoexRouting,
-    MoexStats,
     moex_code,
     moex_experts,
     moex_route,
     moex_router_stats,
+    permute,
+    route_plan,
+    topk_gating,
 )
-
-__version__ = "0.1.0"
-
+from moeops import _triton  # noqa: E402, F401  (registers the Triton backend; imports no triton)
 from moeops import interventions  # noqa: E402  (routing statistics and expert interventions)
 
 

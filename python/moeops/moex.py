@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moeops import moex_ops
+from moeops.ops import (MoexCode, MoexRouting, MoexStats, moex_code, moex_experts, moex_route,
+                        moex_router_stats)
 
 __all__ = ["MoEXLayer", "MoexRecord", "upcycle_gpt2", "expert_l0"]
 
@@ -90,27 +91,27 @@ class MoEXLayer(nn.Module):
         return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, select={self.select!r}, down={self.down!r}")
 
-    def router_stats(self) -> moex_ops.MoexStats:
+    def router_stats(self) -> MoexStats:
         """``(mu, var, bias_mean)`` of the encoders; differentiable when gradients are on,
         otherwise cached until the weights change (in-place updates bump tensor versions)."""
         needs_grad = torch.is_grad_enabled() and (
             self.w_enc.requires_grad or (self.b_enc is not None and self.b_enc.requires_grad))
         if needs_grad or torch.compiler.is_compiling():  # no Python-side cache in compiled graphs
             self._stats_cache = None
-            return moex_ops.moex_router_stats(self.w_enc, self.b_enc, backend=self.backend)
+            return moex_router_stats(self.w_enc, self.b_enc, backend=self.backend)
         key = (self.w_enc.data_ptr(), self.w_enc._version, self.w_enc.device, self.w_enc.dtype,
                None if self.b_enc is None else (self.b_enc.data_ptr(), self.b_enc._version))
         if self._stats_cache is None or self._stats_cache[0] != key:
             with torch.no_grad():
-                st = moex_ops.moex_router_stats(self.w_enc, self.b_enc, backend=self.backend)
+                st = moex_router_stats(self.w_enc, self.b_enc, backend=self.backend)
             self._stats_cache = (key, st)
         return self._stats_cache[1]
 
     def route(self, x2d: torch.Tensor, *, mask=None, mask_mode="reroute", forced=None,
-              return_density=False) -> moex_ops.MoexRouting:
+              return_density=False) -> MoexRouting:
         """Routing of tokens ``x2d [T, d]`` (see :func:`moeops.moex_route`)."""
         st = self.router_stats()
-        return moex_ops.moex_route(x2d, st.mu, st.var, st.bias_mean, self.top_k, select=self.select,
+        return moex_route(x2d, st.mu, st.var, st.bias_mean, self.top_k, select=self.select,
                                    mask=mask, mask_mode=mask_mode, forced=forced,
                                    return_density=return_density, backend=self.backend)
 
@@ -120,7 +121,7 @@ class MoEXLayer(nn.Module):
         h = x.reshape(-1, shape[-1])
         r = self.route(h, mask=mask, mask_mode=mask_mode, forced=forced,
                        return_density=self.record)
-        out, active = moex_ops.moex_experts(h, r.ids, r.weights, self.w_enc, self.b_enc, self.w_dec,
+        out, active = moex_experts(h, r.ids, r.weights, self.w_enc, self.b_enc, self.w_dec,
                                             self.b_dec, down=self.down, return_active=self.record,
                                             backend=self.backend)
         if self.record:
@@ -129,11 +130,11 @@ class MoEXLayer(nn.Module):
         return self.dropout(out).reshape(shape)
 
     @torch.no_grad()
-    def code(self, x: torch.Tensor) -> moex_ops.MoexCode:
+    def code(self, x: torch.Tensor) -> MoexCode:
         """The wide sparse code ``z`` of tokens ``x [..., d]`` as CSR (:func:`moeops.moex_code`)."""
         h = x.reshape(-1, x.shape[-1])
         r = self.route(h)
-        return moex_ops.moex_code(h, r.ids, r.weights, self.w_enc, self.b_enc, backend=self.backend)
+        return moex_code(h, r.ids, r.weights, self.w_enc, self.b_enc, backend=self.backend)
 
     @classmethod
     def from_dense_mlp(cls, mlp: nn.Module, num_experts: int = 8, top_k: int = 2, *,

@@ -1,15 +1,7 @@
-"""Triton grouped GEMM over expert-grouped rows, and ``fused_experts`` built from it.
-
-Semantics are those of :func:`moeops.reference.grouped_gemm` and
-:func:`moeops.reference.fused_experts`.
-
-Tile schedule (no host sync): the rows past ``offsets[E]`` are treated as one more group,
-"expert" ``E``, whose tiles store zeros (so the output needs no memset). Each group ``g`` gets
-``ceil(rows_g / BLOCK_M)`` M-tiles; a device-side prefix sum of those counts and a
-``searchsorted`` map M-tile ``t`` to ``(group, m-tile within group)``. The host only needs an
-upper bound of the tile count, ``ceil(R / BLOCK_M) + E + 1``, which is known without reading
-``offsets``; programs past the real tile count exit at once, so experts without rows cost nothing
-but one idle program.
+"""Triton ``grouped_gemm`` and ``fused_experts`` built on the kernel of
+:mod:`moeops._triton.kernels`. Semantics are those of :func:`moeops.reference.grouped_gemm` and
+:func:`moeops.reference.fused_experts`; gradients use the same pure-torch backward as the
+compiled ops (:mod:`moeops.ops._autograd`).
 """
 
 from __future__ import annotations
@@ -18,183 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------- kernel
+from moeops import reference
+from moeops._dispatch import triton_interpreting
+from moeops._triton import tuning
+from moeops._triton.kernels import TL_DTYPES, grouped_gemm_kernel
+from moeops.ops import combine, permute, route_plan
+from moeops.ops._autograd import (fused_experts_grads, grouped_gemm_grads, save_fused_experts,
+                                  save_grouped_gemm)
+
+__all__ = ["grouped_gemm", "fused_experts", "schedule"]
 
 
-@triton.jit
-def _k_step(acc, x_ptrs, w_ptrs, k_idx, k_len, row_ok, col_ok, COMPUTE_DTYPE: tl.constexpr,
-            IEEE: tl.constexpr):
-    """acc += x[rows, k_idx] @ w[k_idx, cols] for the K indices below k_len."""
-    k_ok = k_idx < k_len
-    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
-    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _grouped_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, offsets_ptr, tile_group_ptr, tile_m_ptr,
-    N, K, E,
-    stride_xm, stride_xk,
-    stride_we, stride_wn, stride_wk,
-    stride_om, stride_on,
-    stride_be, stride_bn,
-    HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    K_STATIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.load(tile_group_ptr + pid_t)
-    live = g <= E  # g == E + 1: past the real tile count, the program does nothing
-    g = tl.minimum(g, E)
-    mt = tl.load(tile_m_ptr + pid_t)
-    row_start = tl.load(offsets_ptr + g)
-    row_end = tl.where(live, tl.load(offsets_ptr + g + 1), row_start)
-    rows = (row_start + mt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < row_end
-    col_ok = cols < N
-    # Group E holds the padding rows: no K loop, no bias, the tile stores zeros. Straight-line
-    # code (no early return, the loop under no runtime `if`). Compiled for sm_90 as a launch on
-    # contiguous 16-bit tensors specialises it, the loop becomes wgmma fed by a num_stages-deep
-    # cp.async pipeline (tests/test_triton.py::test_kernel_compiles_for_sm90_and_sm80).
-    is_expert = g < E
-    k_len = tl.where(is_expert & live, K, 0)
-    ge = tl.minimum(g, E - 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + ge * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    # The interpreter of triton 3.6 with numpy >= 2.5 cannot take a tensor loop bound: there K
-    # comes as a constant (K_STATIC) and the padding programs' loads are masked off instead.
-    if K_STATIC > 0:
-        for k0 in range(0, K_STATIC, BLOCK_K):
-            acc = _k_step(acc, x_ptrs + k0 * stride_xk, w_ptrs + k0 * stride_wk, ks + k0, k_len,
-                          row_ok, col_ok, COMPUTE_DTYPE, IEEE)
-    else:
-        for k0 in range(0, k_len, BLOCK_K):
-            acc = _k_step(acc, x_ptrs + k0 * stride_xk, w_ptrs + k0 * stride_wk, ks + k0, k_len,
-                          row_ok, col_ok, COMPUTE_DTYPE, IEEE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ge * stride_be + cols * stride_bn, mask=col_ok & is_expert,
-                       other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    o_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-# ----------------------------------------------------------------------------- configs
-
-# Shape classes: (max average rows per expert, candidate configs), a config being (BLOCK_M,
-# BLOCK_N, BLOCK_K, num_warps, num_stages). The first class whose bound is >= R / E applies.
-# Without autotuning each class runs its first candidate (starting points chosen without a GPU:
-# decode-like shapes, few rows per expert, want a short M tile and wide N/K tiles; prefill-like
-# shapes square-ish 64-128 tiles). With autotuning (set_autotune(True) or
-# MOEOPS_TRITON_AUTOTUNE=1) the first call of each shape key on a GPU times every candidate
-# that compiles and keeps the fastest (tuned_configs()).
-_CANDIDATES = (
-    (16, ((16, 64, 64, 4, 3), (16, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4))),
-    (64, ((64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4))),
-    (float("inf"), ((128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                    (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))),
-)
-# (bound, default config) per class, flattened
-_CONFIGS = tuple((bound, *cands[0]) for bound, cands in _CANDIDATES)
-# The interpreter runs every program in numpy: small tiles keep CPU tests quick.
-_INTERPRET_CONFIG = (16, 32, 32, 1, 1)
-
-_AUTOTUNE: bool | None = None  # None: follow MOEOPS_TRITON_AUTOTUNE
-_TUNED: dict = {}
-
-
-def set_autotune(enabled: bool | None) -> None:
-    """Turns the Triton grouped GEMM's autotuner on or off for this process (``None``: follow
-    the environment variable ``MOEOPS_TRITON_AUTOTUNE=1``). Tuning happens on the first call of
-    each shape key (shape class, rows rounded to a power of two, N, K, dtypes, bias, layout,
-    device): every candidate of the class is compiled and timed (median of 5 CUDA-event
-    timings), which synchronises with the host once; later calls reuse the choice. Calls made
-    while a CUDA graph is being captured never tune (they use a tuned config if there is one,
-    else the class default)."""
-    global _AUTOTUNE
-    _AUTOTUNE = enabled
-
-
-def tuned_configs() -> dict:
-    """The autotuner's choices so far: ``{shape key: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    num_stages)}``."""
-    return dict(_TUNED)
-
-
-def _autotune_enabled() -> bool:
-    if _AUTOTUNE is not None:
-        return _AUTOTUNE
-    import os
-    return os.environ.get("MOEOPS_TRITON_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _cuda_time_ms(fn, reps: int = 5) -> float:
-    """Median CUDA-event time of ``fn()`` over ``reps`` runs (after the caller's warm-up)."""
-    from moeops.benchmark import _timer
-    times = _timer(torch.device("cuda"))(fn, reps)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
-def _tune(key, candidates, launch, timer=_cuda_time_ms):
-    """The fastest of ``candidates`` for ``key`` by ``timer(lambda: launch(cfg))``, cached in
-    _TUNED. A candidate whose compile or launch fails (e.g. too much shared memory for fp32
-    operands) is skipped; if none runs, the first candidate is returned uncached so that its
-    error surfaces from the real launch."""
-    if key in _TUNED:
-        return _TUNED[key]
-    best = None
-    for cfg in candidates:
-        try:
-            launch(cfg)  # compile and warm up
-        except Exception:  # noqa: BLE001 - triton raises several compile/resource error types
-            continue
-        t = timer(lambda: launch(cfg))
-        if best is None or t < best[0]:
-            best = (t, cfg)
-    if best is None:
-        return candidates[0]
-    _TUNED[key] = best[1]
-    return best[1]
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _interpreting() -> bool:
-    try:
-        from triton import knobs
-        return bool(knobs.runtime.interpret)
-    except Exception:  # older triton
-        import os
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _shape_class(R: int, E: int):
-    """(class bound, candidate configs) for R rows over E experts."""
-    avg = R / max(E, 1)
-    for bound, cands in _CANDIDATES:
-        if avg <= bound:
-            return bound, cands
-    return _CANDIDATES[-1]
-
-
-def _pick_config(R: int, E: int):
-    if _interpreting():
-        return _INTERPRET_CONFIG
-    return _shape_class(R, E)[1][0]
-
-
-# ----------------------------------------------------------------------------- wrappers
-
-
-def _schedule(offsets: torch.Tensor, R: int, E: int, block_m: int):
+def schedule(offsets: torch.Tensor, R: int, E: int, block_m: int):
     """Device-side tile map: (groups' row bounds [E+2], tile_group [T], tile_m [T])."""
     dev = offsets.device
     off = offsets.to(torch.int32)
@@ -221,7 +48,7 @@ def _check(x, w, offsets, w_transposed):
         raise ValueError(f"moeops.grouped_gemm: offsets must be [E+1] = [{E + 1}], "
                          f"got {tuple(offsets.shape)}")
     for name, t in (("x", x), ("w", w)):
-        if t.dtype not in _TL_DTYPES:
+        if t.dtype not in TL_DTYPES:
             raise TypeError(f"moeops.grouped_gemm: {name} must be fp32/fp16/bf16, got {t.dtype}")
     for name, t in (("w", w), ("offsets", offsets)):
         if t.device != x.device:
@@ -252,8 +79,8 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         s_we, s_wk, s_wn = w.stride()
     else:  # [E, N, K]
         s_we, s_wn, s_wk = w.stride()
-    if x.dtype == w.dtype and not _interpreting():
-        cdt = _TL_DTYPES[x.dtype]
+    if x.dtype == w.dtype and not triton_interpreting():
+        cdt = TL_DTYPES[x.dtype]
     else:
         # Mixed inputs: exact up-cast of both, fp32 products. The interpreter's tl.dot
         # multiplies bf16 bit patterns (triton-lang/triton#11584, unsupported upstream), so
@@ -265,9 +92,9 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        bounds, tile_group, tile_m, max_tiles = _schedule(offsets, R, E, bm)
+        bounds, tile_group, tile_m, max_tiles = schedule(offsets, R, E, bm)
         grid = (max_tiles, triton.cdiv(N, bn))
-        _grouped_gemm_kernel[grid](
+        grouped_gemm_kernel[grid](
             x, w, out, b, bounds, tile_group, tile_m,
             N, K, E,
             x.stride(0), x.stride(1),
@@ -275,20 +102,20 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
             out.stride(0), out.stride(1),
             s_be, s_bn,
             HAS_BIAS=bias is not None, COMPUTE_DTYPE=cdt, IEEE=cdt == tl.float32,
-            K_STATIC=K if _interpreting() else 0,
+            K_STATIC=K if triton_interpreting() else 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
-    if x.is_cuda and not _interpreting() and _autotune_enabled():
-        bound, cands = _shape_class(R, E)
+    if x.is_cuda and not triton_interpreting() and tuning.autotune_enabled():
+        bound, cands = tuning.shape_class(R, E)
         key = (bound, R.bit_length(), N, K, x.dtype, w.dtype, out.dtype, bias is not None,
                w_transposed, x.device.index)
         if torch.cuda.is_current_stream_capturing():  # never tune inside a graph
-            cfg = _TUNED.get(key, cands[0])
+            cfg = tuning.tuned_configs().get(key, cands[0])
         else:
-            cfg = _tune(key, cands, launch)
+            cfg = tuning.tune(key, cands, launch)
     else:
-        cfg = _pick_config(R, E)
+        cfg = tuning.pick_config(R, E)
     launch(cfg)
     return out
 
@@ -296,16 +123,12 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 class _GroupedGemmFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, w_transposed):
-        ctx.w_transposed = w_transposed
-        ctx.save_for_backward(x, w, offsets)
+        save_grouped_gemm(ctx, x, w, offsets, w_transposed)
         return _grouped_gemm(x, w, offsets, w_transposed)
 
     @staticmethod
     def backward(ctx, grad):
-        from moeops.ops import _grouped_gemm_backward  # the analytic fp32 torch backward
-        x, w, offsets = ctx.saved_tensors
-        gx, gw = _grouped_gemm_backward(grad, x, w, offsets, ctx.w_transposed)
-        return gx, gw, None, None
+        return grouped_gemm_grads(ctx, grad)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
@@ -321,28 +144,19 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     return _grouped_gemm(x, w, offsets, w_transposed)
 
 
+_FE_ARGS = ("hidden", "ids", "weights", "w_up", "w_down", "b_up", "b_down", "activation",
+            "gated", "gain", "shared_out", "shared_gate")  # fused_experts' schema order
+
+
 class _FusedExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        (hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain, shared_out,
-         shared_gate) = args
-        ctx.activation, ctx.gated = activation, gated
-        ctx.save_for_backward(hidden, ids, weights, w_up, w_down, b_up, b_down, gain,
-                              shared_out, shared_gate)
+        save_fused_experts(ctx, dict(zip(_FE_ARGS, args)))
         return _fused_experts(*args)
 
     @staticmethod
     def backward(ctx, grad):
-        from moeops.ops import _fused_experts_backward  # the analytic fp32 torch backward
-        hidden, ids, weights, w_up, w_down, b_up, b_down, gain, shared_out, shared_gate = \
-            ctx.saved_tensors
-        gh, gw, gup, gdown, gbu, gbd, gso, gsg = _fused_experts_backward(
-            grad.contiguous(), hidden, ids, weights, w_up, w_down, b_up, b_down, ctx.activation,
-            ctx.gated, gain, shared_out, shared_gate)
-        return (gh, None, gw, gup, gdown, gbu if b_up is not None else None,
-                gbd if b_down is not None else None, None, None, None,
-                gso if shared_out is not None else None,
-                gsg if shared_out is not None and shared_gate is not None else None)
+        return fused_experts_grads(ctx, grad)
 
 
 def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -368,8 +182,6 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 def _fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation, gated, gain,
                    shared_out, shared_gate) -> torch.Tensor:
     """Forward of :func:`fused_experts` (arguments as there, all positional; no autograd)."""
-    from moeops import ops, reference
-
     if hidden.dim() != 2:
         raise ValueError(f"moeops.fused_experts: hidden must be [T, H], got {tuple(hidden.shape)}")
     if activation not in reference.ACTIVATIONS:
@@ -385,8 +197,8 @@ def _fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation,
         w_slot = w_slot * g
     idl = idl.contiguous()
     # The other ops via their wrappers: compiled kernels where present, else the reference.
-    plan = ops.route_plan(idl, E)
-    rows = ops.permute(hidden, plan.sorted_slots, top_k)  # [T*K, H], padding rows zero
+    plan = route_plan(idl, E)
+    rows = permute(hidden, plan.sorted_slots, top_k)  # [T*K, H], padding rows zero
     u = _grouped_gemm(rows, w_up, plan.offsets, False, b_up, torch.float32)
     if gated:
         i = u.shape[1] // 2
@@ -398,7 +210,7 @@ def _fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, activation,
         # on 16-bit tensor cores (as Hugging Face's experts and the CUDA kernels do)
         h = h.to(w_down.dtype)
     y = _grouped_gemm(h, w_down, plan.offsets, False, b_down, torch.float32)
-    out = ops.combine(y, w_slot.contiguous(), plan.inverse)  # fp32, slot order
+    out = combine(y, w_slot.contiguous(), plan.inverse)  # fp32, slot order
     if shared_out is not None:
         sg = shared_gate.float().reshape(T, 1) if shared_gate is not None else 1.0
         out = out + sg * shared_out.float()

@@ -1,10 +1,15 @@
-"""Backend choice that explains itself.
+"""Backend choice that explains itself, and the one check for the Triton interpreter.
 
 ``backend="auto"`` picks the compiled kernels (``"cpp"``: C++ on CPU, CUDA on GPU) when they
 can run on the tensor's device, else the pure-torch ``"reference"``. Asking explicitly for a
 backend that cannot run raises a ``RuntimeError`` that says why. ``"triton"`` (grouped_gemm and
 fused_experts only) runs the Triton kernels of :mod:`moeops._triton` on CUDA tensors, or on CPU
 tensors under the Triton interpreter (``TRITON_INTERPRET=1``, for testing).
+
+The Triton implementations live above the ops in the package's layers (``docs/design.md``), so
+this module does not import them: :mod:`moeops._triton` registers a loader per op with
+:func:`register_triton` (without importing triton), and :func:`resolve` calls it when the
+Triton backend is chosen.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -20,6 +26,16 @@ from moeops import reference
 
 BACKENDS = ("auto", "cpp", "reference", "triton")
 TRITON_OPS = ("grouped_gemm", "fused_experts")  # ops with a Triton implementation
+
+_TRITON_LOADERS: dict[str, Callable[[], Callable]] = {}
+
+
+def register_triton(op: str, loader: Callable[[], Callable]) -> None:
+    """Registers ``loader() -> implementation`` as the Triton backend of ``op`` (one of
+    :data:`TRITON_OPS`). The loader imports triton only when called."""
+    if op not in TRITON_OPS:
+        raise ValueError(f"moeops: {op!r} is not one of the Triton ops {TRITON_OPS}")
+    _TRITON_LOADERS[op] = loader
 
 
 def _built_with_cuda() -> bool:
@@ -45,7 +61,9 @@ def why_not_cpp(device: torch.device, op: str | None = None) -> str | None:
     return f"moeops has no compiled kernels for device type '{device.type}'"
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the interpreter on CPU tensors (``TRITON_INTERPRET=1``
+    set before triton was imported)."""
     try:
         from triton import knobs
         return bool(knobs.runtime.interpret)
@@ -62,7 +80,7 @@ def why_not_triton(device: torch.device, op: str) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if _triton_interpreting():
+        if triton_interpreting():
             return None
         return ("tensor on CPU: Triton kernels need a CUDA device (set TRITON_INTERPRET=1 "
                 "before importing triton to run them in the interpreter on CPU for testing)")
@@ -70,8 +88,10 @@ def why_not_triton(device: torch.device, op: str) -> str | None:
 
 
 def _triton_op(op: str):
-    from moeops import _triton
-    return getattr(_triton, op)
+    if op not in _TRITON_LOADERS:
+        raise RuntimeError(f"moeops.{op}: no Triton implementation is registered (moeops._triton "
+                           "registers them when moeops is imported)")
+    return _TRITON_LOADERS[op]()
 
 
 @functools.cache

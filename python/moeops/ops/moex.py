@@ -1,6 +1,7 @@
 """MoE-X ops: typed wrappers, fake (meta) kernels and autograd of ``torch.ops.moeops.moex_*``.
 
-Schemas: ``csrc/torch_bindings.cpp``; semantics: :mod:`moeops.reference` (MoE-X section);
+Schemas: ``csrc/torch_bindings.cpp``; kernels: ``csrc/moex/``; semantics:
+:mod:`moeops.reference` (MoE-X section);
 method and API: ``docs/moex.md``. The layer built on them is :mod:`moeops.moex`.
 """
 
@@ -11,8 +12,12 @@ from typing import NamedTuple
 import torch
 
 from moeops import reference
-from moeops.backends import resolve
-from moeops.ops import _check_devices, _fused_experts_backward
+from moeops._dispatch import resolve
+from moeops.ops._autograd import fused_experts_backward
+from moeops.ops._checks import check_devices, named_inputs
+
+__all__ = ["MoexStats", "MoexRouting", "MoexExpertsResult", "MoexCode", "moex_router_stats",
+           "moex_route", "moex_experts", "moex_code"]
 
 
 class MoexStats(NamedTuple):
@@ -56,7 +61,7 @@ def moex_router_stats(w_enc: torch.Tensor, b_enc: torch.Tensor | None = None, *,
     routing gradient reaches the encoders).
     """
     fn = resolve("moex_router_stats", backend, w_enc)
-    return MoexStats(*fn(w_enc, b_enc))
+    return MoexStats(*fn(w_enc, b_enc=b_enc))
 
 
 def moex_route(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, bias_mean: torch.Tensor,
@@ -76,8 +81,8 @@ def moex_route(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, bias_mean: 
     bias_mean (weights and density).
     """
     fn = resolve("moex_route", backend, x)
-    return MoexRouting(*fn(x, mu, var, bias_mean, k, select, mask, mask_mode, forced,
-                           return_density))
+    return MoexRouting(*fn(x, mu, var, bias_mean, k, select=select, mask=mask,
+                           mask_mode=mask_mode, forced=forced, return_density=return_density))
 
 
 def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -101,8 +106,8 @@ def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     Differentiable with respect to hidden, weights and all expert parameters.
     """
     fn = resolve("moex_experts", backend, hidden)
-    return MoexExpertsResult(*fn(hidden, ids, weights, w_enc, b_enc, w_dec, b_dec, down,
-                                 return_active))
+    return MoexExpertsResult(*fn(hidden, ids, weights, w_enc, b_enc, w_dec, b_dec=b_dec,
+                                 down=down, return_active=return_active))
 
 
 def moex_code(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -116,14 +121,14 @@ def moex_code(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     per token, values [nnz] f32, l0 [T] i32 = ||z_t||_0)``. CPU kernel (not differentiable).
     """
     fn = resolve("moex_code", backend, hidden)
-    return MoexCode(*fn(hidden, ids, weights, w_enc, b_enc))
+    return MoexCode(*fn(hidden, ids, weights, w_enc, b_enc=b_enc))
 
 
 # ----------------------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("moeops::moex_router_stats")
 def _moex_router_stats_fake(w_enc, b_enc=None):
-    _check_devices("w_enc", w_enc, b_enc=b_enc)
+    check_devices("w_enc", w_enc, b_enc=b_enc)
     torch._check(w_enc.dim() == 3, lambda: f"moeops: w_enc must be [M, D, d], got {w_enc.shape}")
     M, _, d = w_enc.shape
     f32 = dict(dtype=torch.float32)
@@ -134,7 +139,7 @@ def _moex_router_stats_fake(w_enc, b_enc=None):
 @torch.library.register_fake("moeops::moex_route")
 def _moex_route_fake(x, mu, var, bias_mean, k, select="sparsest", mask=None,
                      mask_mode="reroute", forced=None, return_density=False):
-    _check_devices("x", x, mu=mu, var=var, bias_mean=bias_mean, mask=mask, forced=forced)
+    check_devices("x", x, mu=mu, var=var, bias_mean=bias_mean, mask=mask, forced=forced)
     torch._check(x.dim() == 2 and mu.dim() == 2, lambda: "moeops: x must be [T, d], mu [M, d]")
     T, M = x.shape[0], mu.shape[0]
     torch._check(1 <= k <= M, lambda: f"moeops: k must be in [1, M={M}], got k={k}")
@@ -145,7 +150,7 @@ def _moex_route_fake(x, mu, var, bias_mean, k, select="sparsest", mask=None,
 @torch.library.register_fake("moeops::moex_experts")
 def _moex_experts_fake(hidden, ids, weights, w_enc, b_enc, w_dec, b_dec=None, down="auto",
                        return_active=False):
-    _check_devices("hidden", hidden, ids=ids, weights=weights, w_enc=w_enc, b_enc=b_enc,
+    check_devices("hidden", hidden, ids=ids, weights=weights, w_enc=w_enc, b_enc=b_enc,
                    w_dec=w_dec, b_dec=b_dec)
     torch._check(hidden.dim() == 2 and ids.dim() == 2,
                  lambda: "moeops: hidden must be [T, d], ids [T, K]")
@@ -155,7 +160,7 @@ def _moex_experts_fake(hidden, ids, weights, w_enc, b_enc, w_dec, b_dec=None, do
 
 @torch.library.register_fake("moeops::moex_code")
 def _moex_code_fake(hidden, ids, weights, w_enc, b_enc=None):
-    _check_devices("hidden", hidden, ids=ids, weights=weights, w_enc=w_enc, b_enc=b_enc)
+    check_devices("hidden", hidden, ids=ids, weights=weights, w_enc=w_enc, b_enc=b_enc)
     T = hidden.shape[0]
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (hidden.new_empty((T + 1,), dtype=torch.int64), hidden.new_empty((nnz,), dtype=torch.int64),
@@ -191,29 +196,32 @@ torch.library.register_autograd("moeops::moex_router_stats", _stats_backward,
                                 setup_context=_stats_setup)
 
 
+_ROUTE_DIFF = ("x", "mu", "var", "bias_mean")  # the differentiable inputs
+
+
 def _route_setup(ctx, inputs, output):
-    ctx.args = inputs
-    ctx.save_for_backward(*inputs[:4])
+    ctx.args = named_inputs("moex_route", inputs)
+    ctx.save_for_backward(*(ctx.args[n] for n in _ROUTE_DIFF))
 
 
 def _route_backward(ctx, g_weights, g_ids, g_density):
     # weights and density are differentiable functions of (x, mu, var, bias_mean) given the
     # selection; replaying the reference under autograd gives their exact gradient.
     saved = ctx.saved_tensors
-    args = list(ctx.args)
+    args = dict(ctx.args)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in saved]
-        args[:4] = leaves
+        args.update(zip(_ROUTE_DIFF, leaves))
         want_density = g_density is not None and g_density.numel() > 0
-        args[9] = want_density
-        w, _, dens = reference.moex_route(*args)
+        args["return_density"] = want_density
+        w, _, dens = reference.moex_route(**args)
         outs, grads = [w], [g_weights]
         if want_density:
             outs.append(dens)
             grads.append(g_density)
         gs = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
     res = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(gs, saved)]
-    return tuple(res) + (None,) * 6
+    return tuple(res) + (None,) * (len(ctx.args) - len(_ROUTE_DIFF))
 
 
 torch.library.register_autograd("moeops::moex_route", _route_backward, setup_context=_route_setup)
@@ -229,7 +237,7 @@ def _experts_backward(ctx, grad, g_active):
     hidden, ids, weights, w_enc, b_enc, w_dec, b_dec = ctx.saved_tensors
     # the same math as fused_experts with non-gated ReLU experts and w_down = w_dec^T (a
     # contiguous copy: that op's fake kernel assumes its outputs have its inputs' strides)
-    gh, gw, genc, gdec_t, gbe, gbd, _, _ = _fused_experts_backward(
+    gh, gw, genc, gdec_t, gbe, gbd, _, _ = fused_experts_backward(
         grad.contiguous(), hidden, ids, weights, w_enc, w_dec.transpose(1, 2).contiguous(), b_enc,
         b_dec, "relu", False, None, None, None)
     has_be, has_bd = ctx.has
