@@ -65,7 +65,7 @@ def tiny_config(family: str):
 def router_and_experts_classes(family: str):
     from moeops.integrations import hf
 
-    return hf._classes(family)
+    return hf.model_classes(family)
 
 
 def num_moe_layers(model) -> int:

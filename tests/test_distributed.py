@@ -80,7 +80,7 @@ def launch(suites: str, world: int, tmp_path) -> list[dict]:
 def _hf_ok() -> str | None:
     try:
         from moeops.integrations import hf
-        if hf._transformers_major() < 5:
+        if hf.transformers_major() < 5:
             return "expert parallelism patches transformers 5.x models (stacked experts)"
     except ImportError:
         return "transformers is not installed"

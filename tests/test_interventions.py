@@ -26,6 +26,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
 import moeops  # noqa: E402
 from moeops import interventions as iv  # noqa: E402
 from moeops import reference  # noqa: E402
+from moeops.interventions._state import LayerState  # noqa: E402
 
 from hf_tiny import OpCounter, batch, tiny_config, tiny_model  # noqa: E402
 from iv_torch import NEG_INF, torch_route  # noqa: E402
@@ -388,13 +389,13 @@ def test_masked_experts_are_not_computed():
         rec["ids"] = ids.clone()
         return orig(self, experts, hidden, ids, weights, *a, **k)
 
-    orig = iv._LayerState.run_experts
-    iv._LayerState.run_experts = spy
+    orig = LayerState.run_experts
+    LayerState.run_experts = spy
     try:
         with iv.intervene(model, mask=[0, 1, 2, 3], mask_mode="drop"):
             _logits(model)
     finally:
-        iv._LayerState.run_experts = orig
+        LayerState.run_experts = orig
     ids = rec["ids"]
     assert not ((ids >= 0) & (ids < 4)).any()  # their slots reach fused_experts empty (-1)
     assert (ids == -1).any()

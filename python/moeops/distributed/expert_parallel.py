@@ -1,45 +1,20 @@
-"""Expert parallelism over ``torch.distributed``: experts sharded across the ranks of a process
-group, tokens sent to the rank owning their expert and back with ``all_to_all_single``.
-
-Each rank keeps the router (replicated) and only its own experts' weights. One MoE layer's
-forward on every rank (design, data volumes and the NCCL mapping: ``docs/distributed.md``):
-
-1. local gating: ``topk_gating`` on the rank's own tokens -> ids/weights ``[T, K]``;
-2. dispatch: one row per (token, destination rank holding any of its experts), in (rank, token)
-   order, carrying the token's K slots as local expert indices on that rank (-1 elsewhere) and
-   their routing weights; a token whose slots are all empty sends nothing;
-3. exchange the per-rank row counts (one small ``all_to_all_single``), then the rows, their
-   slot ids and weights (uneven ``all_to_all_single`` calls);
-4. local experts: ``fused_experts`` on the received rows with those ids and weights, which also
-   does the rank's share of the token's weighted sum (fp32, slot order);
-5. the partial sums go back with the reversed splits, in ``combine_dtype``;
-6. combine: ``combine`` sums each token's partial sums over ranks in rank order, in fp32
-   (deterministic).
-
-The row and weight exchanges are an autograd function (backward = the same all-to-all with the
-splits swapped), so gradients reach the inputs, the router and every rank's expert shard. Under grad
-mode every rank records the exchanges, so if any rank runs backward, all must (as with DDP).
-
-:func:`patch_expert_parallel` (``moeops.patch(model, ep_group=...)``) does this for a Hugging Face
-transformers 5.x model: each experts module keeps only its local rows of the stacked expert
-tensors and forwards through :func:`ep_fused_experts`.
-"""
+"""Expert parallelism proper (:mod:`moeops.distributed`, which re-exports the public names):
+expert placement, the differentiable all-to-all exchange, :func:`ep_fused_experts`, sharding of
+stacked expert tensors and state dicts, the :class:`ExpertParallelMoE` layer, and sharding a
+patched Hugging Face transformers model (:func:`patch_expert_parallel`). The steps of one
+layer's forward are in the package docstring."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from moeops._timing import Laps
+from moeops.integrations import hf
 from moeops.ops import combine, fused_experts, topk_gating
-
-__all__ = [
-    "ExpertPlacement", "ExpertParallelMoE", "ep_fused_experts", "patch_expert_parallel",
-    "shard_experts_module", "shard_state_dict", "load_pretrained_expert_parallel", "PHASES",
-]
 
 #: the phases timed by ``ep_fused_experts(..., timings=...)`` (``wait`` only with
 #: ``sync_phases=True``)
@@ -127,7 +102,9 @@ class ExpertPlacement:
         return (owner.to(device), local.to(device)) if device is not None else (owner, local)
 
 
-def _group_info(group) -> tuple[int, int]:
+def group_info(group) -> tuple[int, int]:
+    """``(rank, world size)`` of this process in ``group`` (None: the default group, which must
+    be initialised)."""
     if group is None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("moeops: ep_group is None and torch.distributed is not initialised; "
@@ -165,21 +142,6 @@ def _exchange(x, send_splits, recv_splits, group, anchor):
     return _AllToAll.apply(x, send_splits, recv_splits, group, anchor)
 
 
-class _Timer:
-    def __init__(self, timings, device):
-        self.timings, self.sync = timings, (device.type == "cuda")
-        self.t = time.perf_counter() if timings is not None else 0.0
-
-    def lap(self, phase):
-        if self.timings is None:
-            return
-        if self.sync:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
-        self.t = now
-
-
 # ----------------------------------------------------------------------------- the op
 
 def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -211,7 +173,7 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     ``sync_phases`` (benchmarks only) adds a barrier before each row exchange, timed as
     ``wait``, so time spent waiting for slower ranks is not counted as exchange time.
     """
-    rank, world = _group_info(group)
+    rank, world = group_info(group)
     if placement.world_size != world:
         raise ValueError(f"moeops: placement is for {placement.world_size} ranks, the group has "
                          f"{world}")
@@ -227,10 +189,10 @@ def ep_fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
         raise ValueError(f"moeops: rank {rank} owns {n_local} experts, so w_up/w_down must be "
                          f"[{n_local}, ., .]; got w_up {tuple(w_up.shape)}, w_down "
                          f"{tuple(w_down.shape)}")
-    E, (T, K), H = placement.num_experts, ids.shape, hidden.shape[1]
+    E, T = placement.num_experts, ids.shape[0]
     out_dtype = combine_dtype or hidden.dtype
     dev = hidden.device
-    timer = _Timer(timings, dev)
+    timer = Laps(timings, dev)
     # Every rank must agree on whether the exchanges are recorded for backward; grad mode is the
     # one thing all ranks share, so under grad mode they always are (see the module docstring).
     anchor = torch.zeros((), requires_grad=True) if torch.is_grad_enabled() else None
@@ -378,7 +340,7 @@ class ExpertParallelMoE(torch.nn.Module):
                  n_group: int = 1, topk_group: int = 1,
                  combine_dtype: torch.dtype | None = None):
         super().__init__()
-        rank, world = _group_info(group)
+        rank, world = group_info(group)
         if placement.world_size != world:
             raise ValueError(f"moeops: placement is for {placement.world_size} ranks, the group "
                              f"has {world}")
@@ -407,7 +369,7 @@ class ExpertParallelMoE(torch.nn.Module):
         """From the full (all-expert) tensors: keeps copies of this rank's rows only; the caller
         may drop the full tensors afterwards. ``expert_to_rank``: None (contiguous blocks), a
         sequence/tensor of E ranks, or an :class:`ExpertPlacement`."""
-        rank, world = _group_info(group)
+        rank, world = group_info(group)
         placement = ExpertPlacement.make(w_up.shape[0], world, expert_to_rank)
 
         def cut(t, name):
@@ -425,7 +387,7 @@ class ExpertParallelMoE(torch.nn.Module):
         written by this module's ``state_dict()`` on one process, or the same keys in an open
         safetensors file (``safe_open(path, "pt")``): then only this rank's expert rows are read.
         """
-        rank, world = _group_info(group)
+        rank, world = group_info(group)
         lazy = hasattr(state_dict, "get_slice")
         keys = set(state_dict.keys())
 
@@ -461,12 +423,11 @@ class ExpertParallelMoE(torch.nn.Module):
         counts as ``dispatch``)."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        t0 = time.perf_counter()
+        laps = Laps(timings)  # host clock, no device synchronisation (as the experts' phases)
         logits = torch.nn.functional.linear(x, self.router_weight.to(x.dtype))
         r = topk_gating(logits, self.top_k, bias=self.gating_bias, mask=mask,
                         mask_mode=mask_mode, forced=forced, **self.gating)
-        if timings is not None:
-            timings["dispatch"] = timings.get("dispatch", 0.0) + time.perf_counter() - t0
+        laps.lap("dispatch")
         out = ep_fused_experts(x, r.ids, r.weights, self.w_up, self.w_down, self.placement,
                                self.group, self.b_up, self.b_down, activation=self.activation,
                                gated=self.gated, gain=self.gain,
@@ -499,13 +460,12 @@ def _ep_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
                         top_k_weights: torch.Tensor) -> torch.Tensor:
     """A sharded transformers experts module's forward: same contract as
     :func:`moeops.integrations.hf.experts_forward`, experts on their owning ranks."""
-    from moeops.integrations.hf import _activation_of, _experts_operands
-
     placement, group, combine_dtype = self._moeops_ep_shard
-    ids, gated, w_up, b_up, b_down = _experts_operands(self, top_k_index, placement.num_experts)
+    ids, gated, w_up, b_up, b_down = hf.experts_operands(self, top_k_index,
+                                                         placement.num_experts)
     timings = getattr(self, "_moeops_timings", None)
     return ep_fused_experts(hidden_states, ids, top_k_weights.float(), w_up, self.down_proj,
-                            placement, group, b_up, b_down, activation=_activation_of(self),
+                            placement, group, b_up, b_down, activation=hf.activation_of(self),
                             gated=gated, combine_dtype=combine_dtype, timings=timings)
 
 
@@ -521,20 +481,18 @@ def patch_expert_parallel(model: torch.nn.Module, group=None, expert_to_rank=Non
     In place, returns ``model``. The non-expert weights stay replicated. Not undoable (the
     other experts' weights are gone): :func:`moeops.unpatch` refuses a sharded model.
     """
-    from moeops.integrations import hf
-
-    if hf._transformers_major() < 5:
+    if hf.transformers_major() < 5:
         raise ValueError("moeops: expert parallelism (ep_group) needs transformers 5.x (stacked "
                          "expert tensors); this is transformers 4.x")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    rank, world = _group_info(group)
+    rank, world = group_info(group)
     hf.patch(model)
-    _, experts_cls = hf._classes(model_type)
-    block = hf._BLOCK_FORWARDS.get(model_type)
+    _, experts_cls = hf.model_classes(model_type)
+    block = hf.block_forward(model_type)
     n = 0
     for module in model.modules():
         if block is not None and type(module).__name__ == block[0] and \
-                hf._is_patched_forward(module):
+                hf.is_patched_forward(module):
             del module.forward  # its fused shared-expert path reads all experts; HF's calls ours
         elif isinstance(module, experts_cls) and not hasattr(module, "_moeops_ep_shard"):
             E = (module.gate_up_proj if getattr(module, "has_gate", True)
@@ -542,7 +500,7 @@ def patch_expert_parallel(model: torch.nn.Module, group=None, expert_to_rank=Non
             placement = ExpertPlacement.make(E, world, expert_to_rank)
             shard_experts_module(module, placement, rank)
             module._moeops_ep_shard = (placement, group, combine_dtype)
-            module.forward = hf._PatchedForward(module, _ep_experts_forward)
+            module.forward = hf.PatchedForward(module, _ep_experts_forward)
             n += 1
     if n == 0 and not any(hasattr(m, "_moeops_ep_shard") for m in model.modules()):
         raise ValueError(f"moeops.patch: no {model_type} experts module to shard in this model")
@@ -553,148 +511,3 @@ def patch_expert_parallel(model: torch.nn.Module, group=None, expert_to_rank=Non
 def is_expert_parallel(model: torch.nn.Module) -> bool:
     """True if :func:`patch_expert_parallel` sharded ``model``."""
     return bool(getattr(model, "_moeops_ep", False))
-
-
-# ----------------------------------------------------------------------------- loading
-
-# Checkpoint layout of each family's experts (Hugging Face hub format: one tensor per expert and
-# projection), and the renames between checkpoint keys and transformers 5.x module names.
-_CKPT_EXPERT_NAMES = {  # model_type -> (gate, up, down) per-expert weight names
-    "mixtral": ("w1", "w3", "w2"),
-    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-    "olmoe": ("gate_proj", "up_proj", "down_proj"),
-    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
-}
-_CKPT_RENAMES = {"mixtral": ((".block_sparse_moe.", ".mlp."),)}
-
-
-def _checkpoint_files(path: str) -> list[str]:
-    import json
-    import os
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, name) for name in files]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"moeops: no model.safetensors(.index.json) in {path!r} (a local "
-                            "directory of a safetensors checkpoint is needed)")
-
-
-def load_pretrained_expert_parallel(path: str, group=None, expert_to_rank=None, *,
-                                    dtype: torch.dtype | None = None, model_class=None,
-                                    combine_dtype: torch.dtype | None = None,
-                                    **config_kwargs) -> torch.nn.Module:
-    """Load a Hugging Face MoE checkpoint (a local safetensors directory, hub layout: one tensor
-    per expert) straight into an expert-parallel model: each rank reads the non-expert tensors
-    and *only its own experts' tensors*; no rank ever holds all experts.
-
-    The model is built from its config with the experts modules on the meta device (no memory),
-    patched and sharded as :func:`patch_expert_parallel` does, then filled from the checkpoint:
-    each local expert's ``gate``/``up``/``down`` tensors are read and stacked into the local
-    ``gate_up_proj`` / ``down_proj``; other experts' tensors are skipped unread. ``dtype``
-    converts every tensor (default: as stored). ``model_class`` defaults to
-    ``transformers.AutoModelForCausalLM``; ``config_kwargs`` go to ``AutoConfig.from_pretrained``.
-    Supports the transformers 5.x model types of :mod:`moeops.integrations.hf` (gated experts
-    without biases). Returns the model in eval mode; ``model._moeops_ep_load`` counts what was
-    read (``expert_tensors_read``, ``expert_tensors_skipped``, ``other_tensors``).
-    """
-    import re
-
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    from moeops.integrations import hf
-
-    if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    model_type = config.model_type
-    if model_type not in _CKPT_EXPERT_NAMES:
-        raise hf._unsupported(f"model type {model_type!r} has no expert-parallel loader")
-    _, experts_cls = hf._classes(model_type)
-    rank, world = _group_info(group)
-
-    original_init = experts_cls.__init__
-
-    def meta_init(self, *args, **kwargs):  # the experts' stacked tensors: shapes only
-        with torch.device("meta"):
-            original_init(self, *args, **kwargs)
-
-    experts_cls.__init__ = meta_init
-    try:
-        model = model_class.from_config(config)
-    finally:
-        experts_cls.__init__ = original_init
-    if dtype is not None:
-        model = model.to(dtype)
-    patch_expert_parallel(model, group, expert_to_rank, combine_dtype=combine_dtype)
-
-    gate_n, up_n, down_n = _CKPT_EXPERT_NAMES[model_type]
-    pattern = re.compile(r"^(.*\.experts)\.(\d+)\.(" + "|".join((gate_n, up_n, down_n))
-                         + r")\.weight$")
-    experts_modules = {name: m for name, m in model.named_modules()
-                       if hasattr(m, "_moeops_ep_shard")}
-    local_index = {
-        name: {e: i for i, e in enumerate(m._moeops_ep_shard[0].local_experts(rank))}
-        for name, m in experts_modules.items()}
-    parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {n: {} for n in experts_modules}
-    state, read, skipped = {}, 0, 0
-    for file in _checkpoint_files(path):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                name = key
-                for old, new in _CKPT_RENAMES.get(model_type, ()):
-                    name = name.replace(old, new)
-                m = pattern.match(name)
-                if m is None:
-                    t = f.get_tensor(key)
-                    state[name] = t.to(dtype) if dtype is not None else t
-                    continue
-                module, e, proj = m.group(1), int(m.group(2)), m.group(3)
-                if module not in experts_modules:
-                    raise KeyError(f"moeops: checkpoint key {key!r} names experts module "
-                                   f"{module!r}, which this model does not have")
-                i = local_index[module].get(e)
-                if i is None:
-                    skipped += 1
-                    continue
-                t = f.get_tensor(key)
-                parts[module][(i, proj)] = t.to(dtype) if dtype is not None else t
-                read += 1
-    for module, got in parts.items():
-        n_local = len(local_index[module])
-        missing = [(i, p) for i in range(n_local) for p in (gate_n, up_n, down_n)
-                   if (i, p) not in got]
-        if missing:
-            raise KeyError(f"moeops: the checkpoint lacks local expert tensors of {module}: "
-                           f"(local index, projection) {missing[:4]}")
-        mod = experts_modules[module]
-        if n_local:
-            state[module + ".gate_up_proj"] = torch.stack(
-                [torch.cat([got[(i, gate_n)], got[(i, up_n)]]) for i in range(n_local)])
-            state[module + ".down_proj"] = torch.stack([got[(i, down_n)] for i in range(n_local)])
-        else:  # nothing local: empty tensors of the right trailing shape
-            for p in ("gate_up_proj", "down_proj"):
-                ref = getattr(mod, p)
-                state[module + "." + p] = torch.empty(ref.shape, dtype=dtype or ref.dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    tied = set()
-    if getattr(config, "tie_word_embeddings", False) or getattr(
-            getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
-        model.tie_weights()
-        tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise KeyError(f"moeops: checkpoint and model do not match: missing {missing[:6]}, "
-                       f"unexpected {result.unexpected_keys[:6]}")
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
-        raise RuntimeError(f"moeops: parameters left unloaded: {meta[:6]}")
-    model._moeops_ep_load = {"expert_tensors_read": read, "expert_tensors_skipped": skipped,
-                             "other_tensors": len(state) - 2 * len(parts)}
-    return model.eval()
