@@ -1,4 +1,4 @@
-"""moeops bench --suite experts (python/moeops/bench_experts.py, the README's main job): structure,
+"""moeops bench --suite experts (python/moeops/bench/experts.py, the README's main job): structure,
 correctness gating, the table and the implementation choices, on the CPU at a tiny layer shape
 built through Hugging Face's real experts module. The machine limits are stubbed (measuring them
 takes seconds); nothing here asserts on time."""
@@ -6,14 +6,17 @@ takes seconds); nothing here asserts on time."""
 import pytest
 import torch
 
-from moeops import bench_experts as be
+from moeops import models
+from moeops.bench import experts as be
+from moeops.bench import experts_report
 
 pytest.importorskip("transformers", minversion="5", reason="the experts suite needs transformers >= 5")
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setitem(be.LAYERS, "tiny", dict(E=4, K=2, H=64, I=32, I_shared=0, hf="qwen3_moe"))
+    monkeypatch.setattr(models, "LAYERS", {**models.LAYERS, "tiny": models.LayerShape(
+        "tiny", "qwen3_moe", E=4, K=2, H=64, I=32)})
     stub = {"bandwidth": 1e10, "gemm_flops": 1e11, "gemm_flops_bf16": 2e11,
             "bandwidth_kind": "stub", "gemm_kind": "stub"}
     monkeypatch.setattr(be, "measure_machine", lambda device="cpu", **kw: dict(stub))
@@ -40,7 +43,7 @@ def test_suite_runs_and_checks_every_default_peer(tiny):
             assert res["frac_limit"] == pytest.approx(c["limit_s"] / res["median_s"])
             if p != "reference":
                 assert c["rel_err"][p] <= be.tolerance(c["dtype"], p)
-    table = be.format_experts_bench(r)
+    table = experts_report.format_experts_bench(r)
     assert "xgrouped" in table and "all ok" in table and "mma, sm90" not in table
 
 
@@ -53,7 +56,7 @@ def test_a_wrong_implementation_fails_the_case(tiny, monkeypatch):
     monkeypatch.setattr(be.Layer, "moeops_fn", off_by_a_bit)
     r = _run(["moeops", "reference"])
     assert not r["ok"] and all(c["failed"] == ["moeops"] for c in r["cases"])
-    assert "FAIL: moeops" in be.format_experts_bench(r)
+    assert "FAIL: moeops" in experts_report.format_experts_bench(r)
 
 
 def test_gemm_path_implementations_are_cuda_only_and_named_only(tiny):
@@ -73,7 +76,7 @@ def test_table_has_columns_for_the_gemm_path_implementations(tiny):
     r["settings"]["peers"] = ["moeops", "moeops-mma", "reference"]
     for c in r["cases"]:
         c["results"]["moeops-mma"] = dict(c["results"]["moeops"], moeops_speedup=1.25)
-    table = be.format_experts_bench(r)
+    table = experts_report.format_experts_bench(r)
     assert "xmma" in table and "1.25x" in table and "mma, sm90: moeops' CUDA layer" in table
 
 
@@ -89,9 +92,9 @@ def test_gemm_path_implementations_run_on_a_gpu(tiny):
     cases = [be.Case("tiny", "bf16", t) for t in (5, 200)]
     r = be.run_experts_bench(cases, peers=peers + ["reference"], device="cuda", min_runs=1,
                              max_runs=2, time_budget=0.0, progress=False)
-    assert r["ok"], be.format_experts_bench(r)
+    assert r["ok"], experts_report.format_experts_bench(r)
     assert all(set(peers) <= set(c["results"]) for c in r["cases"])
-    assert "mma, sm90" in be.format_experts_bench(r)
+    assert "mma, sm90" in experts_report.format_experts_bench(r)
 
 
 def test_deadline_stops_starting_cases_and_names_them(tiny):
@@ -100,6 +103,6 @@ def test_deadline_stops_starting_cases_and_names_them(tiny):
     r = _run(["moeops"], deadline_s=0.0)
     assert r["cases"] == [] and r["not_run"] == ["tiny bf16 T=5", "tiny fp32 T=1"]
     assert any("deadline of 0 s reached: 2 case(s) not run" in n for n in r["notes"])
-    assert "deadline" in be.format_experts_bench(r)
+    assert "deadline" in experts_report.format_experts_bench(r)
     r = _run(["moeops"], deadline_s=1e9)
     assert len(r["cases"]) == 2 and r["not_run"] == []

@@ -1,6 +1,6 @@
-"""moeops bench --suite gemm (python/moeops/bench_gemm.py): structure, correctness gating and
+"""moeops bench --suite gemm (python/moeops/bench/gemm.py): structure, correctness gating and
 the table, on the CPU at a tiny layer shape; and the run-count rules of the benchmarks' timing
-helper (bench_experts.time_adaptive). Nothing here asserts on time."""
+helper (moeops._timing.time_calls). Nothing here asserts on time."""
 
 import subprocess
 import sys
@@ -9,13 +9,15 @@ import time
 import pytest
 import torch
 
-from moeops import bench_experts as be
-from moeops import bench_gemm as bg
+from moeops import models
+from moeops._timing import time_calls
+from moeops.bench import gemm as bg
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setitem(be.LAYERS, "tiny", dict(E=4, K=2, H=64, I=32, I_shared=0, hf="qwen3_moe"))
+    monkeypatch.setattr(models, "LAYERS", {**models.LAYERS, "tiny": models.LayerShape(
+        "tiny", "qwen3_moe", E=4, K=2, H=64, I=32)})
     return "tiny"
 
 
@@ -96,28 +98,28 @@ def test_cli_reports_bad_model():
     assert p.returncode != 0 and "unknown model" in p.stderr
 
 
-def test_time_adaptive_run_counts_on_the_cpu():
+def test_time_calls_run_counts_on_the_cpu():
     """min_runs when the budget is spent at once, max_runs when it never is, 1 run past the cap."""
     cpu = torch.device("cpu")
-    assert len(be.time_adaptive(lambda: None, cpu, min_runs=3, max_runs=7, time_budget=0.0, time_cap=1e9)) == 3
-    assert len(be.time_adaptive(lambda: None, cpu, min_runs=3, max_runs=7, time_budget=1e9)) == 7
-    slow = be.time_adaptive(lambda: time.sleep(0.02), cpu, min_runs=3, max_runs=7, time_budget=0.001,
-                            time_cap=0.001)
+    assert len(time_calls(lambda: None, cpu, min_runs=3, max_runs=7, budget=0.0, cap=1e9)) == 3
+    assert len(time_calls(lambda: None, cpu, min_runs=3, max_runs=7, budget=1e9)) == 7
+    slow = time_calls(lambda: time.sleep(0.02), cpu, min_runs=3, max_runs=7, budget=0.001,
+                      cap=0.001)
     assert len(slow) == 1 and slow[0] > 0
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_time_adaptive_on_a_gpu_uses_events_and_the_same_run_counts():
+def test_time_calls_on_a_gpu_uses_events_and_the_same_run_counts():
     """The GPU path (CUDA events, L2 flush between runs, batched runs) returns one positive time
     per run with the CPU path's run-count rules."""
     dev = torch.device("cuda")
     x = torch.zeros(1 << 20, device=dev)
-    ts = be.time_adaptive(lambda: x.add_(1), dev, min_runs=3, max_runs=12, time_budget=1e9)
+    ts = time_calls(lambda: x.add_(1), dev, min_runs=3, max_runs=12, budget=1e9)
     assert len(ts) == 12 and all(t > 0 for t in ts)
     assert torch.equal(x, torch.full_like(x, 12))  # every timed run ran once
-    assert len(be.time_adaptive(lambda: x.add_(1), dev, min_runs=3, max_runs=12, time_budget=0.0,
-                                time_cap=1e9)) == 3
+    assert len(time_calls(lambda: x.add_(1), dev, min_runs=3, max_runs=12, budget=0.0,
+                          cap=1e9)) == 3
 
 
 def test_deadline_stops_starting_cases_and_names_them(tiny):

@@ -22,7 +22,7 @@ def _emit(args, result: dict, table) -> None:
 def _routing_bench(args) -> int:
     import torch
 
-    from moeops.benchmark import Shape, format_routing_bench, run_routing_bench
+    from moeops.bench.routing import Shape, format_routing_bench, run_routing_bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
@@ -45,7 +45,8 @@ def _routing_bench(args) -> int:
 def _experts_bench(args) -> int:
     import torch
 
-    from moeops import bench_experts as be
+    from moeops.bench import experts as be
+    from moeops.bench import experts_report
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
@@ -71,7 +72,7 @@ def _experts_bench(args) -> int:
         if "moeops bench" in str(e):
             raise SystemExit(str(e)) from None
         raise
-    table = be.format_experts_bench(r)
+    table = experts_report.format_experts_bench(r)
     if args.json == "-":
         print(json.dumps(r, indent=2))
     else:
@@ -81,7 +82,7 @@ def _experts_bench(args) -> int:
                 json.dump(r, f, indent=2)
             print(f"results written to {args.json}")
     if args.plot:
-        be.plot_experts_bench(r, args.plot)
+        experts_report.plot_experts_bench(r, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0 if r["ok"] else 1
 
@@ -105,7 +106,7 @@ def _bench(args) -> int:
 
 
 def _gemm_bench(args) -> int:
-    from moeops.bench_gemm import format_gemm_bench, run_gemm_bench
+    from moeops.bench.gemm import format_gemm_bench, run_gemm_bench
 
     try:
         r = run_gemm_bench(models=args.models, tokens=args.tokens, dtype=args.dtype,
@@ -121,7 +122,7 @@ def _gemm_bench(args) -> int:
 
 
 def _moex_bench(args) -> int:
-    from moeops.bench_moex import format_moex_bench, format_row, HEADER, run_moex_bench
+    from moeops.bench.moex import format_moex_bench, format_row, HEADER, run_moex_bench
 
     if args.device != "cpu":
         raise SystemExit("moeops bench --suite moex: CPU only for now")
@@ -137,7 +138,7 @@ def _moex_bench(args) -> int:
 
 
 def _model_bench(args) -> int:
-    from moeops.bench_model import format_model_bench, run_model_bench
+    from moeops.bench.model import format_model_bench, run_model_bench
 
     if args.device != "cpu":
         raise SystemExit("moeops bench --suite model: CPU only for now")
@@ -149,7 +150,7 @@ def _model_bench(args) -> int:
 
 
 def _interventions_bench(args) -> int:
-    from moeops.bench_interventions import format_result, run
+    from moeops.bench.interventions import format_result, run
 
     if args.device != "cpu":
         raise SystemExit("moeops bench --suite interventions: CPU only for now")
@@ -268,15 +269,14 @@ def main(argv=None) -> int:
     pr.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo = sub.add_parser("moex-demo", help="MoE-X worked example: upcycle a GPT-2-shaped model, "
                           "train briefly, report density / ||z||_0 / sparse speed")
-    from moeops.moex_demo import add_arguments as _moex_demo_args
-    _moex_demo_args(demo)
+    from moeops.tools import moex_demo
+    moex_demo.add_arguments(demo)
     args = p.parse_args(argv)
     if args.cmd == "profile":
-        from moeops.profiling import main as profile_main
+        from moeops.tools.profile import main as profile_main
         return profile_main(args)
     if args.cmd == "moex-demo":
-        from moeops.moex_demo import run_from_args
-        return run_from_args(args)
+        return moex_demo.run_from_args(args)
     if args.cmd == "info":
         from moeops.info import main as info_main
         return info_main()

@@ -20,9 +20,10 @@ def collect() -> dict:
     """Versions, build facts, registered ops, backends and CPU features, as a dict."""
     import torch
 
-    import moeops
     from moeops import _C
+    from moeops._dispatch import BACKENDS
     from moeops._load import build_record
+    from moeops._version import __version__
 
     ops = registered_ops()
     kernels = {}
@@ -36,7 +37,7 @@ def collect() -> dict:
     except ImportError:
         triton_version = None
     return {
-        "moeops": moeops.__version__,
+        "moeops": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -57,7 +58,7 @@ def collect() -> dict:
         "cpu_isa_in_use": _C.cpu_isa(),
         "cpu_threads": torch.get_num_threads(),
         "ops": kernels,
-        "backends": list(moeops.BACKENDS),
+        "backends": list(BACKENDS),
         "build_record": build_record(),
     }
 

@@ -1,20 +1,21 @@
-"""Routing pipeline benchmark (gating -> plan -> permute -> combine), moeops vs reference.
+"""Routing pipeline benchmark (gating -> plan -> permute -> combine), moeops vs reference
+(``moeops bench --suite routing``).
 
-Used by ``moeops bench`` and ``bench/``. Timings are medians of repeated runs; the byte count
-of each stage is compared with the copy bandwidth measured in the same run.
+Used by ``moeops bench`` and ``bench/test_routing_benchmark.py`` (:class:`CppOps`). Timings are
+medians of repeated runs; the byte count of each stage is compared with the copy bandwidth
+measured in the same run.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from moeops import ops, reference
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from moeops import _C  # noqa: F401  (torch.ops.moeops: the compiled ops)
+from moeops import reference
+from moeops._timing import median, time_calls
+from moeops.bench.harness import DTYPES
 
 
 @dataclass
@@ -26,36 +27,12 @@ class Shape:
     dtype: str = "bf16"
 
 
-def _timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn, repeats):
-            times = []
-            for _ in range(repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            return times
-    else:
-        def run(fn, repeats):
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return times
-    return run
-
-
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
     """Bytes/s of a large tensor copy (read + write counted), median of ``repeats``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    run = _timer(device)
-    run(lambda: dst.copy_(src), 1)
-    return 2 * nbytes / statistics.median(run(lambda: dst.copy_(src), repeats))
+    return 2 * nbytes / median(time_calls(lambda: dst.copy_(src), device, runs=repeats, warmup=1,
+                                          flush_l2=False))
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0):
@@ -74,7 +51,10 @@ def pipeline(impl, logits, hidden, k):
     return impl.combine(rows, w, inverse), ids
 
 
-class _Cpp:
+class CppOps:
+    """The compiled ops (``torch.ops.moeops``) under :mod:`moeops.reference`'s names and
+    positional signatures."""
+
     topk_gating = staticmethod(torch.ops.moeops.topk_gating)
     route_plan = staticmethod(torch.ops.moeops.route_plan)
     permute = staticmethod(torch.ops.moeops.permute)
@@ -98,14 +78,13 @@ def run_routing_bench(shape: Shape, device: str = "cpu", repeats: int = 10, warm
     logits, hidden = make_inputs(shape, dev)
     k = shape.top_k
     # correctness once, before timing
-    out_m, ids_m = pipeline(_Cpp, logits, hidden, k)
+    out_m, ids_m = pipeline(CppOps, logits, hidden, k)
     out_r, ids_r = pipeline(reference, logits, hidden, k)
     ids_equal = bool(torch.equal(ids_m, ids_r))
     max_err = (out_m.float() - out_r.float()).abs().max().item() if out_m.numel() else 0.0
 
-    run = _timer(dev)
     results = {}
-    for name, impl in (("moeops", _Cpp), ("reference", reference)):
+    for name, impl in (("moeops", CppOps), ("reference", reference)):
         w, ids, _, _ = impl.topk_gating(logits, k, "softmax", True)
         offsets, sorted_slots, inverse = impl.route_plan(ids, shape.experts)
         rows = impl.permute(hidden, sorted_slots, k)
@@ -118,8 +97,8 @@ def run_routing_bench(shape: Shape, device: str = "cpu", repeats: int = 10, warm
         }
         res = {}
         for stage, fn in stages.items():
-            run(fn, warmup)
-            res[stage] = statistics.median(run(fn, repeats))
+            # CUDA: events around each run, one run at a time (no L2 flush)
+            res[stage] = median(time_calls(fn, dev, runs=repeats, warmup=warmup, flush_l2=False))
         results[name] = res
     bw = measure_copy_bandwidth(dev)
     return {"shape": shape, "device": device, "threads": torch.get_num_threads(),

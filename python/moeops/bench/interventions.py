@@ -1,10 +1,11 @@
 """Cost of moeops.interventions on one real-shaped MoE layer (``moeops bench --suite
 interventions``).
 
-The layer is a Hugging Face Qwen3-MoE sparse block with Qwen3-30B-A3B's shape (H=2048, E=128,
-top-8, expert width 768; random weights) patched by :func:`moeops.patch`, fed T tokens. Variants,
-timed in interleaved rounds (every round runs each variant once, in a rotating order, so machine
-noise hits all of them alike), reported as medians:
+The layer is a Hugging Face Qwen3-MoE sparse block with Qwen3-30B-A3B's shape
+(``moeops.models.LAYERS["qwen3-30b-a3b"]``: H=2048, E=128, top-8, expert width 768; random
+weights) patched by :func:`moeops.integrations.hf.patch`, fed T tokens. Variants, timed in
+interleaved rounds (every round runs each variant once, in a rotating order, so machine noise
+hits all of them alike), reported as medians:
 
 * ``off``: statistics and interventions never switched on (the patched forwards check one
   attribute, find None);
@@ -21,12 +22,17 @@ experts module) is measured separately with a tight loop and reported per layer 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-import moeops
 from moeops import interventions as iv
+from moeops.interventions._state import Stats, states
+from moeops import models
+from moeops._timing import median, time_interleaved, time_loop
+from moeops.integrations import hf
+from moeops.ops import topk_gating
+
+SHAPE = models.LAYERS["qwen3-30b-a3b"]
 
 VARIANTS = ("off", "off_after_use", "counts", "weights", "probs", "outputs", "drop50",
             "reroute50")
@@ -36,18 +42,20 @@ def build_layer(dtype: torch.dtype, seed: int = 0):
     """A patched one-layer Qwen3-MoE with Qwen3-30B-A3B's MoE shape; returns (model, block)."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+    s = SHAPE
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=2048, intermediate_size=256,
-                         moe_intermediate_size=768, num_hidden_layers=1, num_attention_heads=16,
-                         num_key_value_heads=4, head_dim=128, num_experts=128,
-                         num_experts_per_tok=8, norm_topk_prob=True)
+    # the attention (16 heads, not timed) only makes the one-layer model whole
+    cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=s.H, intermediate_size=256,
+                         moe_intermediate_size=s.I, num_hidden_layers=1, num_attention_heads=16,
+                         num_key_value_heads=s.kv_heads, head_dim=s.head_dim, num_experts=s.E,
+                         num_experts_per_tok=s.K, norm_topk_prob=True)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     block = model.model.layers[0].mlp
     with torch.no_grad():
-        block.gate.weight.normal_(0.0, 2048 ** -0.5)
+        block.gate.weight.normal_(0.0, s.H ** -0.5)
         block.experts.gate_up_proj.normal_(0.0, 0.02)
         block.experts.down_proj.normal_(0.0, 0.02)
-    moeops.patch(model)
+    hf.patch(model)
     return model, block
 
 
@@ -63,51 +71,44 @@ def _setup(model, variant: str, E: int):
 def _check_cost(block, n: int = 200_000) -> float:
     """Seconds per layer call spent on the two "is anything on?" checks."""
     r, ex = block.gate, block.experts
-    t0 = time.perf_counter()
-    for _ in range(n):
-        getattr(r, "_moeops_iv", None)
-        getattr(ex, "_moeops_iv", None)
-    return (time.perf_counter() - t0) / n
 
-
-def _median_loop(fn, n: int, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the mean time of ``n`` calls of ``fn``."""
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    def checks():  # the n checks inline, so no call overhead is counted per check
         for _ in range(n):
-            fn()
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
+            getattr(r, "_moeops_iv", None)
+            getattr(ex, "_moeops_iv", None)
+    return time_loop(checks, 1, repeats=1, warmup=0)[0] / n
+
+
+def _loop_median(fn, n: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time of ``n`` calls of ``fn`` (after one warm-up
+    call)."""
+    return median(time_loop(fn, n, repeats=repeats, warmup=1))
 
 
 def _stats_op_cost(model, block, x) -> dict:
     """The work the "counts" and "weights" levels add, timed alone in tight loops: the gating
     kernel with ``return_counts`` vs without, and the accumulator updates."""
-    from moeops.ops import topk_gating
-
     iv.clear_interventions(model)
     iv.disable_stats(model)
     x2 = x.reshape(-1, x.shape[-1])
     logits = torch.nn.functional.linear(x2, block.gate.weight)
     k = int(block.gate.top_k)
-    st = iv._states(model)[0]
+    st = states(model)[0]
     # gating without / with return_counts, alternated loop by loop; the added cost is the
     # median of the paired differences (drift on a shared machine cancels)
     plain = lambda: topk_gating(logits, k, renormalize=True)  # noqa: E731
     with_counts = lambda: topk_gating(logits, k, renormalize=True, return_counts=True)  # noqa: E731
     a, b = [], []
     for _ in range(9):
-        a.append(_median_loop(plain, 100, repeats=1))
-        b.append(_median_loop(with_counts, 100, repeats=1))
+        a.append(_loop_median(plain, 100, repeats=1))
+        b.append(_loop_median(with_counts, 100, repeats=1))
     w, ids, _, counts = topk_gating(logits, k, renormalize=True, return_counts=True)
     out = {"gating_s": statistics.median(a), "gating_with_counts_s": statistics.median(b),
            "counts_in_gating_s": statistics.median(y - x for x, y in zip(a, b))}
     for level in ("counts", "weights"):
-        st.stats = iv._Stats(level, st.E, st.device)
-        out[f"record_{level}_s"] = _median_loop(
-            lambda: st._record_routing(ids, w, None, counts, logits, st.params), 500)
+        st.stats = Stats(level, st.E, st.device)
+        out[f"record_{level}_s"] = _loop_median(
+            lambda: st.record_routing(ids, w, None, counts, logits), 500)
     st.stats = None
     return out
 
@@ -118,8 +119,7 @@ def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0)
     model, block = build_layer(dt, seed)
     E = block.experts.down_proj.shape[0]
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, tokens, 2048, generator=g).to(dt)
-    times = {v: [] for v in VARIANTS}
+    x = torch.randn(1, tokens, SHAPE.H, generator=g).to(dt)
     outs = {}
     # warm-up (and the correctness sample of every variant)
     for v in VARIANTS:
@@ -130,14 +130,12 @@ def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0)
     iv.clear_interventions(model)
     iv.disable_stats(model)
     # the layer states exist now (created by the warm-up), but with nothing on, the attribute
-    # the patched forwards check is None: "off" and "off_after_use" run the same code
-    for rnd in range(rounds):
-        order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
-        for v in order:
-            _setup(model, "off" if v == "off_after_use" else v, E)
-            t0 = time.perf_counter()
-            block(x)
-            times[v].append(time.perf_counter() - t0)
+    # the patched forwards check is None: "off" and "off_after_use" run the same code.
+    # Rounds in a rotating order, each variant switched on (untimed) before its call.
+    times = time_interleaved(
+        {v: lambda n: block(x) for v in VARIANTS}, min_rounds=rounds, max_rounds=rounds,
+        budget=0.0, warmup=0, rotate=True,
+        before=lambda v: _setup(model, "off" if v == "off_after_use" else v, E))
     iv.clear_interventions(model)
     iv.disable_stats(model)
     med = {v: statistics.median(ts) for v, ts in times.items()}
@@ -151,7 +149,7 @@ def run(tokens: int = 256, dtype: str = "bf16", rounds: int = 15, seed: int = 0)
     extra = {lvl: max(ops["counts_in_gating_s"], 0.0) + ops[f"record_{lvl}_s"]
              for lvl in ("counts", "weights")}
     return {
-        "shape": dict(T=tokens, H=2048, E=E, K=8, I=768, dtype=dtype),
+        "shape": dict(T=tokens, H=SHAPE.H, E=E, K=SHAPE.K, I=SHAPE.I, dtype=dtype),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "median_s": med,

@@ -1,30 +1,33 @@
 """End-to-end model benchmark: a small but real-shaped Hugging Face MoE model, patched with
 moeops vs unpatched, prefill and greedy-decode tokens/s (``moeops bench --suite model``).
 
-The model is a Qwen3-MoE with Qwen3-30B-A3B's layer shape (H=2048, 32 heads / 4 KV heads of 128,
-128 experts of width 768, top-8) but only a few layers and a small vocabulary, random weights.
+The model is a Qwen3-MoE with Qwen3-30B-A3B's layer shape (``moeops.models.LAYERS
+["qwen3-30b-a3b"]``: H=2048, 32 heads / 4 KV heads of 128, 128 experts of width 768, top-8) but
+only a few layers and a small vocabulary, random weights.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
-import moeops
+from moeops import models
+from moeops._timing import median, time_calls
+from moeops.integrations import hf
+
+SHAPE = models.LAYERS["qwen3-30b-a3b"]
 
 
 def build_model(layers: int, dtype: torch.dtype, seed: int = 0):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+    s = SHAPE
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=2048, intermediate_size=6144,
-                         moe_intermediate_size=768, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-                         max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=2)
+    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=s.H, intermediate_size=6144,
+                         moe_intermediate_size=s.I, num_hidden_layers=layers,
+                         num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         head_dim=s.head_dim, num_experts=s.E, num_experts_per_tok=s.K,
+                         norm_topk_prob=True, max_position_embeddings=4096, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for p in model.parameters():  # several MoE parameters are created as zeros
@@ -33,14 +36,11 @@ def build_model(layers: int, dtype: torch.dtype, seed: int = 0):
     return model
 
 
-def _median_time(fn, runs: int) -> tuple[float, object]:
-    out = fn()  # warm-up, also the correctness sample
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _median_of(fn, runs: int) -> tuple[float, object]:
+    """(median seconds of ``runs`` timed calls, the output of the untimed warm-up call before
+    them, which is also the correctness sample)."""
+    out = fn()
+    return median(time_calls(fn, runs=runs)), out
 
 
 def run_model_bench(layers: int = 2, dtype: str = "bf16", prompt: int = 128, new_tokens: int = 16,
@@ -54,16 +54,16 @@ def run_model_bench(layers: int = 2, dtype: str = "bf16", prompt: int = 128, new
            "hf_experts_implementation": getattr(model.config, "_experts_implementation", None)}
     for name in ("huggingface", "moeops"):
         if name == "moeops":
-            moeops.patch(model)
+            hf.patch(model)
         with torch.no_grad():
-            t_pre, logits = _median_time(lambda: model(ids).logits, runs)
-            t_gen, out = _median_time(lambda: model.generate(ids, **gen), max(1, runs - 1))
+            t_pre, logits = _median_of(lambda: model(ids).logits, runs)
+            t_gen, out = _median_of(lambda: model.generate(ids, **gen), max(1, runs - 1))
         # decode time = generate minus one prefill (generate's first step is the prompt)
         t_dec = max(t_gen - t_pre, 1e-9)
         res[name] = {"prefill_s": t_pre, "prefill_tok_s": prompt / t_pre,
                      "decode_s": t_dec, "decode_tok_s": (new_tokens - 1) / t_dec,
                      "tokens": out[0, prompt:].tolist(), "logits": logits.float()}
-    moeops.unpatch(model)
+    hf.unpatch(model)
     a, b = res["huggingface"].pop("logits"), res["moeops"].pop("logits")
     res["max_abs_logit_diff"] = (a - b).abs().max().item()
     res["same_tokens"] = res["huggingface"]["tokens"] == res["moeops"]["tokens"]

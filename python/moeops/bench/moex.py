@@ -9,49 +9,24 @@ fraction ``density`` of each expert's units fire for N(0, I) inputs (b_i = Phi^-
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from moeops import moex_ops
+from moeops._timing import flush_cpu_caches, median, time_interleaved
 from moeops.moex import MoEXLayer
+from moeops.ops import moex_experts
 
 MOEX_S = dict(d=768, D=3072, M=8, k=2)
 
 
-_FLUSH = None
-
-
-def _flush_caches() -> None:
-    """Evict the CPU caches (read and write a 128 MiB buffer, more than this CPU's 32 MiB L3),
-    so every timed call reads its weights from memory, as a layer of a large model does."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.ones(32 * 2**20)
-    _FLUSH.add_(1.0)
-
-
-def _interleaved_median_ms(fns: dict, min_runs=7, max_runs=60, budget=2.0, warmup=2,
-                           cold=True) -> dict:
-    """Median ms of each callable, timed round-robin (one call of each per round) so that the
-    machine's load drifts equally over all of them and their ratios stay comparable. Each
-    callable takes the round number (inputs rotate); ``cold`` flushes the caches before every
-    timed call (not timed)."""
-    for r in range(warmup):
-        for fn in fns.values():
-            fn(r)
-    ts = {name: [] for name in fns}
-    t_end = time.perf_counter() + budget
-    n = 0
-    while n < max_runs and (n < min_runs or time.perf_counter() < t_end):
-        for name, fn in fns.items():
-            if cold:
-                _flush_caches()
-            t0 = time.perf_counter()
-            fn(n)
-            ts[name].append((time.perf_counter() - t0) * 1e3)
-        n += 1
-    return {name: statistics.median(v) for name, v in ts.items()}
+def _medians_ms(fns: dict, budget: float, cold: bool) -> dict:
+    """Median ms of each callable (taking the round number: inputs rotate), timed round-robin
+    by :func:`moeops._timing.time_interleaved` (7 to 60 rounds after 2 warm-up rounds) so that
+    the machine's load drifts equally over all of them and their ratios stay comparable;
+    ``cold`` flushes the CPU caches before every timed call (not timed)."""
+    ts = time_interleaved(fns, min_rounds=7, max_rounds=60, budget=budget, warmup=2,
+                          before=(lambda name: flush_cpu_caches()) if cold else None)
+    return {name: median(v) * 1e3 for name, v in ts.items()}
 
 
 def make_layer(density: float, d=768, D=3072, M=8, k=2, seed=0) -> MoEXLayer:
@@ -64,7 +39,6 @@ def make_layer(density: float, d=768, D=3072, M=8, k=2, seed=0) -> MoEXLayer:
         z = float(torch.special.ndtri(torch.tensor(density)))
         layer.b_enc.copy_(z * layer.w_enc.norm(dim=2))
         layer.b_dec.zero_()
-    layer._stats_cache = None
     return layer
 
 
@@ -83,8 +57,8 @@ def run_moex_bench(tokens=(1, 4, 16, 64, 256), densities=(0.1, 0.5), budget=2.0,
                 x = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + 1000 * j + T))
                 with torch.no_grad():
                     r = layer.route(x)
-                    _, active = moex_ops.moex_experts(x, r.ids, r.weights, layer.w_enc, layer.b_enc,
-                                                      layer.w_dec, layer.b_dec, return_active=True)
+                    _, active = moex_experts(x, r.ids, r.weights, layer.w_enc, layer.b_enc,
+                                             layer.w_dec, layer.b_dec, return_active=True)
                     # expert-grouped activation rows for the down-projection alone
                     order = torch.argsort(r.ids.flatten().long(), stable=True)
                     e_sorted = r.ids.flatten().long()[order]
@@ -116,13 +90,13 @@ def run_moex_bench(tokens=(1, 4, 16, 64, 256), densities=(0.1, 0.5), budget=2.0,
                     return layer(sets[n % N_INPUTS]["x"])
                 return run
             with torch.no_grad():
-                t = _interleaved_median_ms({"down_auto": down_with("auto"),
-                                            "down_sparse": down_with("sparse"),
-                                            "down_dense": down_with("dense"),
-                                            "down_torch": torch_dense}, budget=budget, cold=cold)
-                t.update(_interleaved_median_ms({"layer_auto": layer_with("auto"),
-                                                 "layer_dense": layer_with("dense")},
-                                                budget=budget, cold=cold))
+                t = _medians_ms({"down_auto": down_with("auto"),
+                                 "down_sparse": down_with("sparse"),
+                                 "down_dense": down_with("dense"),
+                                 "down_torch": torch_dense}, budget=budget, cold=cold)
+                t.update(_medians_ms({"layer_auto": layer_with("auto"),
+                                      "layer_dense": layer_with("dense")},
+                                     budget=budget, cold=cold))
             layer.down = "auto"
             row = dict(T=T, density_target=dens, density=realised, down_equal=same, **t,
                        down_speedup=t["down_dense"] / t["down_auto"],

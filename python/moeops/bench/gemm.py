@@ -11,10 +11,11 @@ and ``down`` (rows ``[R, I]`` times ``w_down [E, H, I]^T``), R = T x K.
 
 Implementations (``--peers``):
 
-* ``moeops``: ``moeops.grouped_gemm(backend="cpp")``, the kernel choice ``auto``;
+* ``moeops``: ``moeops.ops.grouped_gemm(backend="cpp")``, the kernel choice ``auto``;
 * ``moeops-sm90`` / ``moeops-mma``: the same forced onto the CUTLASS sm_90a kernel / the mma.sync
   kernel (CUDA builds; sm90 needs a Hopper GPU and a build with the CUTLASS kernels);
-* ``triton``: ``moeops.grouped_gemm(backend="triton")`` (CUDA), each shape class's default config;
+* ``triton``: ``moeops.ops.grouped_gemm(backend="triton")`` (CUDA), each shape class's default
+  config;
 * ``triton-tuned``: the same with the Triton autotuner on (``moeops._triton.set_autotune``):
   the correctness call tunes the shape, timing uses the choice. Not in the default peers (tuning
   compiles and times every candidate once); ask for it with ``--peers``;
@@ -25,19 +26,22 @@ Implementations (``--peers``):
 Every implementation is checked once against a per-expert fp32 matmul before it is timed. Times
 are medians of CUDA-event (GPU) or wall-clock (CPU) runs after a warm-up; the FLOP rate is
 ``2 R N Kd / median`` and is reported against the dense rate measured in the same run
-(``bench_experts.measure_machine``: bf16 ``torch.mm`` 8192^3 on a GPU).
+(:func:`moeops.bench.harness.measure_machine`: bf16 ``torch.mm`` 8192^3 on a GPU). Shapes come
+from :data:`moeops.models.LAYERS`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from moeops.bench_experts import (DTYPES, LAYERS, _moeops_version, deadline_note, gemm_path,
-                                  measure_machine, rel_err, time_adaptive)
+from moeops import _C, _triton
+from moeops import models as model_table
+from moeops._timing import Stopwatch, median, time_calls
+from moeops._version import __version__
+from moeops.bench.harness import DTYPES, deadline_note, gemm_path, measure_machine, rel_err
+from moeops.ops import grouped_gemm
 
 PEERS = ("moeops", "moeops-sm90", "moeops-mma", "triton", "triton-tuned", "torch", "dense")
 OPT_IN_PEERS = ("triton-tuned",)  # run only when named in --peers
@@ -51,11 +55,11 @@ TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
 
 def gemm_dims(model: str, projection: str) -> tuple[int, int, int, int]:
     """(E, top-k, N, Kd) of one projection of ``model``'s MoE layer."""
-    s = LAYERS[model]
+    s = model_table.LAYERS[model]
     if projection == "up":
-        return s["E"], s["K"], 2 * s["I"], s["H"]
+        return s.E, s.K, 2 * s.I, s.H
     if projection == "down":
-        return s["E"], s["K"], s["H"], s["I"]
+        return s.E, s.K, s.H, s.I
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
 
 
@@ -74,12 +78,10 @@ def _torch_grouped_mm() -> Callable | None:
 
 def available_peers(device: torch.device) -> list[str]:
     """The implementations that can run on ``device`` in this build."""
-    import moeops
-
     out = ["moeops"]
-    cuda_build = device.type == "cuda" and bool(moeops._C.with_cuda)
+    cuda_build = device.type == "cuda" and bool(_C.with_cuda)
     if cuda_build:
-        if moeops._C.sm90_grouped_gemm and torch.cuda.get_device_capability(device)[0] == 9:
+        if _C.sm90_grouped_gemm and torch.cuda.get_device_capability(device)[0] == 9:
             out.append("moeops-sm90")
         out.append("moeops-mma")
     if device.type == "cuda":
@@ -95,24 +97,20 @@ def available_peers(device: torch.device) -> list[str]:
 
 
 def _peer_fn(peer: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
-    import moeops
-
     if peer in ("moeops", "moeops-sm90", "moeops-mma"):
         path = {"moeops": "auto", "moeops-sm90": "sm90", "moeops-mma": "mma"}[peer]
 
         def fn():
             with gemm_path(path):
-                return moeops.grouped_gemm(x, w, offsets, backend="cpp")
+                return grouped_gemm(x, w, offsets, backend="cpp")
         return fn
     if peer == "triton":
-        return lambda: moeops.grouped_gemm(x, w, offsets, backend="triton")
+        return lambda: grouped_gemm(x, w, offsets, backend="triton")
     if peer == "triton-tuned":
-        from moeops import _triton
-
         def tuned():
             _triton.set_autotune(True)
             try:
-                return moeops.grouped_gemm(x, w, offsets, backend="triton")
+                return grouped_gemm(x, w, offsets, backend="triton")
             finally:
                 _triton.set_autotune(None)
         return tuned
@@ -136,16 +134,6 @@ def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return out
 
 
-def _time(fn: Callable[[], object], device: torch.device, min_runs: int, max_runs: int,
-          budget: float) -> list[float]:
-    """Per-run seconds of ``fn`` after two warm-up calls, by the experts suite's timer
-    (bench_experts.time_adaptive: CUDA events with the L2 cache flushed first on a GPU, wall
-    clock on the CPU), without its time cap: at least ``min_runs`` runs."""
-    fn()
-    fn()
-    return time_adaptive(fn, device, min_runs, max_runs, budget, time_cap=float("inf"))
-
-
 def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
                    dtype: str = "bf16", projections: Sequence[str] = PROJECTIONS,
                    peers: Sequence[str] | None = None, device: str | torch.device = "cuda",
@@ -156,7 +144,7 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     ratio to ``torch`` and the fraction of the dense rate). ``ok`` is False when an
     implementation failed its correctness check. ``deadline_s``: no case starts after this
     many seconds; the cases left are listed in ``not_run`` and the notes."""
-    t_start = time.perf_counter()
+    clock = Stopwatch(deadline_s)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked but torch sees no CUDA device")
@@ -165,8 +153,8 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     on_gpu = dev.type == "cuda"
     models = list(models or (GPU_MODELS if on_gpu else CPU_MODELS))
     for m in models:
-        if m not in LAYERS:
-            raise ValueError(f"unknown model {m!r}; known: {', '.join(LAYERS)}")
+        if m not in model_table.LAYERS:
+            raise ValueError(f"unknown model {m!r}; known: {', '.join(model_table.LAYERS)}")
     tokens = list(tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS))
     can = available_peers(dev)
     wanted = list(peers or [p for p in can if p not in OPT_IN_PEERS])
@@ -185,18 +173,15 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     g = torch.Generator(device=dev).manual_seed(0)
     cases, ok, not_run = [], True, []
 
-    def late() -> bool:
-        return deadline_s is not None and time.perf_counter() - t_start > deadline_s
-
     for model in models:
         for proj in projections:
-            if late():  # not even the weights
+            if clock.past_deadline():  # not even the weights
                 not_run += [f"{model} {proj} T={T}" for T in tokens]
                 continue
             E, K, N, Kd = gemm_dims(model, proj)
             w = torch.randn(E, N, Kd, device=dev, generator=g, dtype=dt) * Kd ** -0.5
             for T in tokens:
-                if late():
+                if clock.past_deadline():
                     not_run.append(f"{model} {proj} T={T}")
                     continue
                 offsets_cpu = routed_offsets(T, E, K, seed=T)
@@ -218,8 +203,10 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
                             err = rel_err(fn(), ref)
                             if not err <= TOLERANCE[dtype]:
                                 ok = False
-                        ts = _time(fn, dev, min_runs, max_runs, time_budget)
-                        med = statistics.median(ts)
+                        # two warm-up calls; at least min_runs runs (no time cap)
+                        ts = time_calls(fn, dev, min_runs=min_runs, max_runs=max_runs,
+                                        budget=time_budget, cap=float("inf"), warmup=2)
+                        med = median(ts)
                         case["results"][p] = dict(median_s=med, runs=len(ts), rel_err=err,
                                                   flops_per_s=flops / med,
                                                   frac_dense=flops / med / dense_rate)
@@ -234,12 +221,9 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
                 cases.append(case)
                 del x
             del w
-    import moeops
-
     tuned = {}
     if "triton-tuned" in wanted:
         try:
-            from moeops import _triton
             tuned = {f"class<={k[0]} rows~2^{k[1] - 1} N={k[2]} K={k[3]}": list(v)
                      for k, v in _triton.tuned_configs().items()}
         except ImportError:  # no triton: nothing was tuned
@@ -249,8 +233,8 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     return dict(suite="gemm", device=str(dev), dtype=dtype, ok=ok, notes=notes, machine=machine,
                 peers=wanted, cases=cases, not_run=not_run, triton_tuned=tuned,
                 gpu=torch.cuda.get_device_name(dev) if on_gpu else None,
-                versions=dict(torch=torch.__version__, moeops=_moeops_version(),
-                              cuda_gemm_auto_sm90=bool(getattr(moeops._C, "sm90_grouped_gemm", False))))
+                versions=dict(torch=torch.__version__, moeops=__version__,
+                              cuda_gemm_auto_sm90=bool(getattr(_C, "sm90_grouped_gemm", False))))
 
 
 _SHORT = {"moeops": "moeops", "moeops-sm90": "sm90", "moeops-mma": "mma", "triton": "triton",

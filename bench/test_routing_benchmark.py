@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: routing stages, moeops vs the torch reference, real model shapes.
+"""pytest-benchmark suite: routing stages, moeops vs the torch reference, real model shapes
+(``moeops.models.LAYERS``; ``moeops bench --suite routing`` is :mod:`moeops.bench.routing`).
 
 Run: ``python -m pytest bench -q --benchmark-only --benchmark-group-by=param:model,param:stage``.
 Correctness is checked once per case before timing; nothing here asserts on time.
@@ -7,23 +8,23 @@ Correctness is checked once per case before timing; nothing here asserts on time
 import pytest
 import torch
 
-from moeops import reference
-from moeops.benchmark import _Cpp
-
-from shapes import MODELS
+from moeops import models, reference
+from moeops.bench.routing import CppOps
 
 TOKENS = int(__import__("os").environ.get("MOEOPS_BENCH_TOKENS", "1024"))
-IMPLS = {"moeops": _Cpp, "reference": reference}
+IMPLS = {"moeops": CppOps, "reference": reference}
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=sorted(models.LAYERS))
 def case(request):
-    m = MODELS[request.param]
+    s = models.LAYERS[request.param]
+    m = dict(E=s.E, K=s.K, H=s.H, I=s.I, I_shared=s.I_shared, n_group=s.n_group,
+             topk_group=s.topk_group)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(TOKENS, m["E"], generator=g)
     hidden = torch.randn(TOKENS, m["H"], generator=g).bfloat16()
-    gkw = dict(n_group=m.get("n_group", 1), topk_group=m.get("topk_group", 1))
-    scoring = "sigmoid" if "n_group" in m else "softmax"
+    gkw = dict(n_group=s.n_group, topk_group=s.topk_group)
+    scoring = "sigmoid" if models.FAMILIES[s.family].sigmoid_router else "softmax"
     w, ids, _, _ = reference.topk_gating(logits, m["K"], scoring, True, 1.0, None, **gkw)
     plan = reference.route_plan(ids, m["E"])
     rows = reference.permute(hidden, plan[1], m["K"])

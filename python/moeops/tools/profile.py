@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-import moeops
 from moeops import interventions as iv
+from moeops.integrations import hf
 
 TINY_CONFIG = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
                    moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -54,7 +54,7 @@ def build_model(model_config: str | None = None, model_path: str | None = None, 
             tok = AutoTokenizer.from_pretrained(model_path)
         except Exception:  # a checkpoint without a tokenizer: byte-encoded prompts
             tok = None
-        return moeops.patch(model), tok
+        return hf.patch(model), tok
     if model_config is not None:
         with open(model_config) as f:
             cfg_dict = json.load(f)
@@ -66,7 +66,7 @@ def build_model(model_config: str | None = None, model_path: str | None = None, 
     cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    moeops.patch(model)
+    hf.patch(model)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in iv.moe_layers(model):

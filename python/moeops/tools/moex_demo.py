@@ -8,13 +8,12 @@ version on a tiny model (run in CI by tests/test_moex.py)."""
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from moeops import moex_ops
+from moeops._timing import Stopwatch, median, time_interleaved
 from moeops.moex import MoEXLayer, expert_l0, upcycle_gpt2
+from moeops.ops import moex_experts
 
 
 def synthetic_corpus(vocab: int, n_tokens: int, branching: int = 4, seed: int = 0) -> torch.Tensor:
@@ -32,16 +31,11 @@ def synthetic_corpus(vocab: int, n_tokens: int, branching: int = 4, seed: int = 
     return out
 
 
-def _median_ms(fns: dict, rounds: int) -> dict:
-    ts = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in ts.items()}
+def _medians_ms(fns: dict, rounds: int) -> dict:
+    """Median ms of each callable (taking the round number) over ``rounds`` round-robin
+    rounds, after one warm-up round."""
+    ts = time_interleaved(fns, min_rounds=rounds, max_rounds=rounds, budget=0.0, warmup=1)
+    return {k: median(v) * 1e3 for k, v in ts.items()}
 
 
 def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | None = None,
@@ -79,7 +73,7 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
     hook = moex_layers[-1].register_forward_hook(
         lambda mod, args, out: captured.__setitem__("x", args[0].detach().reshape(-1, args[0].shape[-1])))
     model.train()
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     losses = []
     for step in range(steps):
         chunk = corpus[step * batch * seq:(step + 1) * batch * seq].view(batch, seq)
@@ -90,7 +84,7 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
         losses.append(loss.item())
         if step in (0, steps - 1) or (step + 1) % max(1, steps // 5) == 0:
             log(f"step {step + 1:>3}/{steps}  loss {losses[-1]:.3f}")
-    train_s = time.perf_counter() - t0
+    train_s = clock.elapsed()
     log(f"trained {steps} steps in {train_s:.1f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
         f"a {cfg.vocab_size}-token uniform guess is {torch.log(torch.tensor(float(cfg.vocab_size))):.3f})")
 
@@ -125,11 +119,11 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
     with torch.no_grad():
         r = layer.route(xs)
         args = (xs, r.ids, r.weights, layer.w_enc, layer.b_enc, layer.w_dec, layer.b_dec)
-        _, active = moex_ops.moex_experts(*args, return_active=True)
+        _, active = moex_experts(*args, return_active=True)
         dens = float(active[r.ids >= 0].float().mean()) / D
-        t = _median_ms({"sparse": lambda: moex_ops.moex_experts(*args, down="auto"),
-                        "dense": lambda: moex_ops.moex_experts(*args, down="dense")},
-                       rounds=5 if quick else 15)
+        t = _medians_ms({"sparse": lambda _: moex_experts(*args, down="auto"),
+                         "dense": lambda _: moex_experts(*args, down="dense")},
+                        rounds=5 if quick else 15)
     log(f"sparse down-projection: experts op at T={T_speed} (density {dens:.3f}): "
         f"{t['sparse']:.3f} ms with down='auto' vs {t['dense']:.3f} ms dense "
         f"({t['dense'] / t['sparse']:.2f}x)")

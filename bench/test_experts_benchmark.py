@@ -1,8 +1,9 @@
 """pytest-benchmark suite: one MoE experts layer, moeops.fused_experts vs Hugging Face
 transformers' experts implementations (eager, grouped_mm, batched_mm) and the torch reference,
-on real model shapes (``shapes.py``). The same cases as ``moeops bench`` (the experts suite).
+on real model shapes (``moeops.models.LAYERS``). The same cases as ``moeops bench`` (the experts
+suite, :mod:`moeops.bench.experts`, whose layers, inputs, checks and limits this wraps).
 
-Run: ``python -m pytest bench/test_bench_experts.py -q --benchmark-only
+Run: ``python -m pytest bench/test_experts_benchmark.py -q --benchmark-only
 --benchmark-group-by=param:layer,param:tokens --benchmark-columns=median,rounds``.
 
 Small T only by default; environment variables widen it (comma-separated lists):
@@ -21,9 +22,13 @@ import os
 import pytest
 import torch
 
-from moeops import bench_experts as be
+from moeops import models
+from moeops.bench import experts as be
+from moeops.bench.harness import measure_machine, rel_err
 
-from shapes import EXPERTS_DTYPES, EXPERTS_MODELS, EXPERTS_TOKENS_SMALL, MODELS
+# the models of the experts benchmark: those small enough for a CPU (not gpu_only)
+EXPERTS_MODELS = tuple(name for name, s in models.LAYERS.items() if not s.gpu_only)
+EXPERTS_TOKENS_SMALL = (1, 4)  # the full set is be.FULL_TOKENS
 
 
 def _env_list(name, default, kind=str):
@@ -33,24 +38,26 @@ def _env_list(name, default, kind=str):
 
 TOKENS = _env_list("MOEOPS_BENCH_TOKENS", EXPERTS_TOKENS_SMALL, int)
 MODEL_NAMES = _env_list("MOEOPS_BENCH_MODELS", EXPERTS_MODELS)
-DTYPE_NAMES = _env_list("MOEOPS_BENCH_DTYPES", EXPERTS_DTYPES)
+DTYPE_NAMES = _env_list("MOEOPS_BENCH_DTYPES", be.FULL_DTYPES)
 PEER_NAMES = _env_list("MOEOPS_BENCH_PEERS", be.default_peers("cpu"))
 BACKEND = os.environ.get("MOEOPS_BENCH_BACKEND", "auto")
 LAYER_PARAMS = [f"{m}:{d}" for m in MODEL_NAMES for d in DTYPE_NAMES]
 
 
 def test_shapes_agree_with_moeops_bench():
-    """bench/shapes.py and the installed benchmark's own table describe the same layers (the
-    GPU-only ones, too big for this CPU suite, are checked against MODELS as well)."""
-    assert set(EXPERTS_MODELS) == set(be.LAYERS) - be.GPU_ONLY
-    for name in be.LAYERS:
-        want = {k: MODELS[name].get(k, 0) for k in ("E", "K", "H", "I", "I_shared")}
-        assert want == {k: be.LAYERS[name][k] for k in want}, name
+    """Every layer of moeops.models.LAYERS (the one table this suite and ``moeops bench`` read)
+    names a model family whose config fields map onto the layer's shape, so the experts suite
+    can build its real Hugging Face experts module."""
+    fields = set(models.LayerShape.__dataclass_fields__)
+    for name, s in models.LAYERS.items():
+        fam = models.FAMILIES[s.family]
+        assert set(fam.shape_fields.values()) <= fields, name
+        assert s.I_shared == 0 or "I_shared" in fam.shape_fields.values(), name
 
 
 @pytest.fixture(scope="session")
 def machine():
-    return be.measure_machine("cpu")
+    return measure_machine("cpu")
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +87,13 @@ def test_experts(benchmark, layer, tokens, impl, machine, moeops_backend):
             layer.checked[tokens] = (x, layer.peer_fn("reference")(x))
         x, ref = layer.checked[tokens]
         fn = layer.peer_fn(impl, backend)
-        err = be.rel_err(fn(x), ref)
+        err = rel_err(fn(x), ref)
         assert err <= be.tolerance(layer.dtype, impl), f"{impl}: max rel err {err:.2e}"
         cost = be.layer_cost(layer.model, layer.dtype, tokens, x["unique_experts"])
         benchmark.extra_info.update(
             model=layer.model, dtype=layer.dtype, tokens=tokens, impl=impl,
             moeops_backend=backend if impl == "moeops" else None, note=note or None,
-            shared_expert=bool(layer.shape["I_shared"]), unique_experts=x["unique_experts"],
+            shared_expert=bool(layer.shape.I_shared), unique_experts=x["unique_experts"],
             rel_err=err, threads=torch.get_num_threads(),
             bandwidth=machine["bandwidth"], gemm_flops=machine["gemm_flops"], **cost)
         benchmark(fn, x)
