@@ -2,20 +2,12 @@ import pytest
 import torch
 
 import moeops
-
-
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and bool(moeops._C.with_cuda)
-
-
-CUDA_SKIP_REASON = ("needs a CUDA GPU and moeops built with CUDA kernels "
-                    f"(cuda available: {torch.cuda.is_available()}, "
-                    f"built with CUDA: {bool(moeops._C.with_cuda)})")
+from support import CUDA_SKIP_REASON, cuda_ready
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not _cuda_ready(), reason=CUDA_SKIP_REASON)]),
+        not cuda_ready(), reason=CUDA_SKIP_REASON)]),
 ]
 
 
@@ -48,11 +40,11 @@ def cpu_isa(request):
 
 
 # ----------------------------------------------------------------------------- hypothesis
-# Profiles for the property tests (tests/test_properties.py, docs/reliability.md). "ci" is the
+# Profiles for the property tests (tests/ops/test_properties.py, docs/reliability.md). "ci" is the
 # default: derandomized (same examples every run, so a failure replays without an example
 # database) and sized for CI. "deep" is for releases: random seeds, many more examples, and a
 # local example database (tests/.hypothesis/, not committed) so failures found there replay:
-#   python -m pytest tests/test_properties.py --hypothesis-profile=deep
+#   python -m pytest tests/ops/test_properties.py --hypothesis-profile=deep
 # Edge cases worth pinning are @example(...) decorators in the tests (run on every profile).
 import os as _os  # noqa: E402
 

@@ -252,7 +252,8 @@ case("mroute_var_shape", "var", lambda: MR(var=var[:-1]))
 case("mroute_mu_half", "mu", lambda: MR(mu=mu.half()))
 case("mroute_bias_mean_wrong", "bias_mean", lambda: MR(bias_mean=bm[:-1]))
 case("mroute_bad_select", "select", lambda: MR(select="dense"))
-case("mroute_bad_mask_mode", "mask_mode", lambda: MR(mask=torch.zeros(M, dtype=torch.bool), mask_mode="x"))
+case("mroute_bad_mask_mode", "mask_mode",
+     lambda: MR(mask=torch.zeros(M, dtype=torch.bool), mask_mode="x"))
 case("mroute_mask_wrong", "mask", lambda: MR(mask=torch.zeros(M + 1, dtype=torch.bool)))
 case("mroute_forced_float", "forced", lambda: MR(forced=torch.zeros(M)))
 case("mroute_mu_meta", "mu", lambda: MR(mu=meta(mu)))
@@ -281,7 +282,8 @@ case("mcode_w_enc_2d", "w_enc", lambda: MC(w_enc=w_enc[0]))
 case("mcode_d_mismatch", "w_enc", lambda: MC(w_enc=w_enc[:, :, :-1]))
 case("mcode_b_enc_wrong", "b_enc", lambda: MC(b_enc=b_enc[:, :-1]))
 case("mcode_weights_meta", "weights", lambda: MC(weights=meta(wts)))
-case("mdown_offsets_wrong", "offsets", lambda: ops._moex_down(torch.zeros(3, D), torch.tensor([0, 1, 2, 3, 4], dtype=I32), w_dec))
+case("mdown_offsets_wrong", "offsets",
+     lambda: ops._moex_down(torch.zeros(3, D), torch.tensor([0, 1, 2, 3, 4], dtype=I32), w_dec))
 
 ALLOWED = (ValueError, TypeError, RuntimeError, IndexError)
 try:

@@ -147,7 +147,8 @@ def fused_experts_list_samples(device):
         ((h.bfloat16(), ids, w, [t.bfloat16() for t in wg], [t.bfloat16() for t in wu],
           [t.bfloat16() for t in wd]), dict(activation="gelu")),
         ((h.clone().requires_grad_(), ids, w.clone().requires_grad_(),
-          [t.clone().requires_grad_() for t in wg], wu, [t.clone().requires_grad_() for t in wd]), {}),
+          [t.clone().requires_grad_() for t in wg], wu,
+          [t.clone().requires_grad_() for t in wd]), {}),
     ]
 
 
@@ -170,7 +171,8 @@ def _fused_experts_shared_samples(device):
 
 
 _fused_plain = SAMPLES["fused_experts"]
-SAMPLES["fused_experts"] = lambda device: _fused_plain(device) + _fused_experts_shared_samples(device)
+SAMPLES["fused_experts"] = lambda device: (_fused_plain(device)
+                                           + _fused_experts_shared_samples(device))
 
 
 def _fused_experts_stats_samples(device):

@@ -1,5 +1,6 @@
 """Pure-torch routing with interventions, written independently of moeops (per-token Python
-loops), the oracle of tests/test_interventions.py and tests/test_interventions_v4.py."""
+loops), the oracle of tests/integrations/test_interventions.py and
+tests/integrations/test_interventions_v4.py."""
 
 import torch
 

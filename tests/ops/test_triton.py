@@ -289,6 +289,7 @@ def _compile_for_gpu(xdt, wdt, odt, cfg, has_bias, arch):
     inner strides, and 16-divisible pointers, sizes and row strides (what triton's launcher
     infers for such arguments; without these hints the K loop is not software-pipelined)."""
     import inspect
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -338,7 +339,8 @@ def test_kernel_compiles_for_sm90_and_sm80(dtypes):
     runs = [(tuple(cfg), i == 0, ((xdt, False), (torch.float32, True)))
             for i, (_, *cfg) in enumerate(tuning.CONFIGS)]
     if dtypes == "bf16":
-        runs += [(cfg, False, ((xdt, False),)) for _, cands in tuning.CANDIDATES for cfg in cands[1:]]
+        runs += [(cfg, False, ((xdt, False),))
+                 for _, cands in tuning.CANDIDATES for cfg in cands[1:]]
     for cfg, with_sm80, variants in runs:
         stages = cfg[4]
         for odt, has_bias in variants:
@@ -380,7 +382,8 @@ def test_autotuner_keeps_the_fastest_candidate_that_runs(monkeypatch):
     n = len(launched)
     assert tuning.tune("k", cands, launch, timer) == (2,) and len(launched) == n  # cached
     # nothing runs: the class default comes back, uncached, so the real launch raises
-    assert tuning.tune("bad", cands, lambda cfg: (_ for _ in ()).throw(RuntimeError("x")), timer) == (1,)
+    assert tuning.tune("bad", cands, lambda cfg: (_ for _ in ()).throw(RuntimeError("x")),
+                       timer) == (1,)
     assert "bad" not in tuning.tuned_configs()
 
 
@@ -406,7 +409,8 @@ def test_autotuner_switch_follows_the_environment_unless_set(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()),
-                    reason=f"needs a CUDA GPU and triton (cuda available: {torch.cuda.is_available()})")
+                    reason=f"needs a CUDA GPU and triton "
+                           f"(cuda available: {torch.cuda.is_available()})")
 def test_autotuned_grouped_gemm_matches_reference_and_skips_tuning_in_graph_capture(monkeypatch):
     tuning = importlib.import_module("moeops._triton.tuning")
     monkeypatch.setattr(tuning, "_TUNED", {})

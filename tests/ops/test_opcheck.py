@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from moeops.info import registered_ops
-
-from samples import SAMPLES
+from support.samples import SAMPLES
 
 
 @pytest.mark.parametrize("name", registered_ops())

@@ -436,7 +436,8 @@ def test_fused_experts_token_chunks_bit_identical(cpu_isa, dtype, limit):
     so = torch.randn(T, H, generator=_gen(17)).to(dtype)
     sg = torch.rand(T, generator=_gen(18))
     run = lambda: (  # noqa: E731
-        moeops.fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, gain=gain, backend=BACKEND),
+        moeops.fused_experts(hidden, ids, weights, w_up, w_down, b_up, b_down, gain=gain,
+                             backend=BACKEND),
         moeops.fused_experts(hidden, ids, weights, w_up, w_down, shared_out=so, shared_gate=sg,
                              backend=BACKEND),
         moeops.fused_experts_list(hidden, ids, weights, list(w_up[:, :I]), list(w_up[:, I:]),
@@ -454,9 +455,10 @@ def test_fused_experts_token_chunks_bit_identical(cpu_isa, dtype, limit):
         moeops._C.set_cpu_workspace_limit(0)
 
 
-@pytest.mark.skipif(not moeops._C.with_cuda, reason="a CPU-only build has no CUDA workspace setting")
+@pytest.mark.skipif(not moeops._C.with_cuda,
+                    reason="a CPU-only build has no CUDA workspace setting")
 def test_cuda_workspace_limit_setting():
-    """The CUDA fused layer's scratch bound (its chunking runs in tests/test_reliability_cuda.py
+    """The CUDA fused layer's scratch bound (its chunking runs in tests/ops/test_reliability_cuda.py
     on a GPU); the setting itself needs only a CUDA build."""
     before = moeops._C.cuda_workspace_limit()
     assert before >= 1

@@ -1,7 +1,8 @@
 """Expert parallelism (moeops.distributed) over gloo on 127.0.0.1.
 
-Each launch starts W rank processes of tests/ep_worker.py (one CPU thread each), which run every
-scenario of a suite and compare against the single-process layer computed from the same seeds.
+Each launch starts W rank processes of tests/integrations/ep_worker.py (one CPU thread each),
+which run every scenario of a suite and compare against the single-process layer computed from
+the same seeds.
 A launch has a deadline; on a timeout or a failed rank every process is killed. There is one
 launch per world size (W=2 with the Hugging Face suite too, W=3), shared by the tests of this
 module; each scenario is its own test.

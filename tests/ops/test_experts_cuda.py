@@ -1,16 +1,15 @@
 """CUDA grouped_gemm / fused_experts: each kernel path (decode, tensor cores, SIMT fallback)
 against the reference, no host synchronisation, CUDA-graph capture, 64-bit row offsets.
-The parity sweeps of tests/test_experts.py also run on CUDA; this file pins down the paths."""
+The parity sweeps of tests/ops/test_experts.py also run on CUDA; this file pins down the paths."""
 
 import pytest
 import torch
 
 import moeops
 from moeops import reference
+from support import CUDA_SKIP_REASON, cuda_ready
 
-from conftest import CUDA_SKIP_REASON, _cuda_ready
-
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _cuda_ready(), reason=CUDA_SKIP_REASON)]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)]
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=4e-3, atol=4e-3)}
@@ -50,8 +49,8 @@ def test_fused_experts_paths(dtype, T, H, I, gated):
     gain[3] = 0.0
     act = "silu" if gated else "relu"
     cpu = (hidden, ids, w, w_up, w_down, b_up, b_down)
-    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated, gain=gain.cuda(),
-                               backend="cpp")
+    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated,
+                               gain=gain.cuda(), backend="cpp")
     want = reference.fused_experts(*cpu, activation=act, gated=gated, gain=gain)
     assert got.dtype == dtype and got.shape == (T, H)
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
@@ -67,9 +66,11 @@ def test_grouped_gemm_paths(dtype, R, K, N, transposed):
     cuts = torch.sort(torch.randint(2, R + 1, (E - 1,), generator=g)).values
     offsets = torch.cat([torch.tensor([2]), cuts, torch.tensor([R])]).int()
     offsets[2] = offsets[1]  # an empty expert
-    w = (torch.randn(E, K, N, generator=g) if transposed else torch.randn(E, N, K, generator=g)) * K ** -0.5
+    w = (torch.randn(E, K, N, generator=g) if transposed
+         else torch.randn(E, N, K, generator=g)) * K ** -0.5
     w = w.to(dtype)
-    got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), w_transposed=transposed, backend="cpp")
+    got = moeops.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda(), w_transposed=transposed,
+                              backend="cpp")
     want = reference.grouped_gemm(x, w, offsets, w_transposed=transposed)
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
     assert torch.equal(got[:2].cpu(), torch.zeros(2, N, dtype=dtype))  # rows before offsets[0]
@@ -106,8 +107,8 @@ def test_decode_fused_experts_with_more_experts_than_one_scan_round(gated):
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     w_up, w_down = _params(E, H, I, gated, torch.bfloat16, 5)
     act = "silu" if gated else "relu"
-    got = moeops.fused_experts(*(t.cuda() for t in (hidden, ids, w, w_up, w_down)), activation=act, gated=gated,
-                               backend="cpp")
+    got = moeops.fused_experts(*(t.cuda() for t in (hidden, ids, w, w_up, w_down)),
+                               activation=act, gated=gated, backend="cpp")
     want = reference.fused_experts(hidden, ids, w, w_up, w_down, activation=act, gated=gated)
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[torch.bfloat16])
 
@@ -130,8 +131,8 @@ def test_decode_reads_hidden_in_place_like_permuted_rows(dtype, gated):
     wide[:, :H] = h.cuda()
 
     def layer(hidden):
-        return moeops.fused_experts(hidden, ids.cuda(), w.cuda(), w_up.cuda(), w_down.cuda(), activation=act,
-                                    gated=gated, backend="cpp")
+        return moeops.fused_experts(hidden, ids.cuda(), w.cuda(), w_up.cuda(), w_down.cuda(),
+                                    activation=act, gated=gated, backend="cpp")
 
     in_place = layer(h.cuda())
     assert torch.equal(layer(buf[1:].view(T, H)), in_place)  # misaligned: permuted first
@@ -191,7 +192,8 @@ def test_combine_rounds_to_the_hidden_dtype_once(dtype, H):
     assert torch.equal(direct, via_fp32)
 
 
-@pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+@pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32),
+                                     (torch.float32, torch.bfloat16),
                                      (torch.float16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("T", [3, 40])
 def test_mixed_dtypes(xdt, wdt, T):
@@ -206,8 +208,8 @@ def test_mixed_dtypes(xdt, wdt, T):
     tol = TOL[torch.bfloat16 if torch.bfloat16 in (xdt, wdt) else xdt]
     torch.testing.assert_close(got.cpu().float(), want.float(), **tol)
     offsets = torch.tensor([0, T // 2, T // 2, T, T], dtype=torch.int32)
-    gg = moeops.grouped_gemm(hidden.cuda(), w_down.transpose(1, 2).contiguous().cuda(), offsets.cuda(),
-                             backend="cpp")
+    gg = moeops.grouped_gemm(hidden.cuda(), w_down.transpose(1, 2).contiguous().cuda(),
+                             offsets.cuda(), backend="cpp")
     want = reference.grouped_gemm(hidden, w_down.transpose(1, 2).contiguous(), offsets)
     assert gg.dtype == xdt
     torch.testing.assert_close(gg.cpu().float(), want.float(), **tol)
@@ -250,7 +252,7 @@ def test_whole_layer_without_host_sync_and_in_a_cuda_graph(T):
 
 
 def _sm90_ready():
-    return (_cuda_ready() and bool(moeops._C.sm90_grouped_gemm)
+    return (cuda_ready() and bool(moeops._C.sm90_grouped_gemm)
             and torch.cuda.get_device_capability()[0] == 9)
 
 
@@ -303,8 +305,8 @@ def test_fused_experts_prefill_each_path(gemm_path, gated, dtype):
     gain[3] = 0.0
     act = "silu" if gated else "gelu"
     cpu = (hidden, ids, w, w_up, w_down)
-    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated, gain=gain.cuda(),
-                               backend="cpp")
+    got = moeops.fused_experts(*(t.cuda() for t in cpu), activation=act, gated=gated,
+                               gain=gain.cuda(), backend="cpp")
     want = reference.fused_experts(*cpu, activation=act, gated=gated, gain=gain)
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
 
@@ -333,7 +335,8 @@ def test_grouped_gemm_rows_beyond_2_31_elements(gemm_path):
     assert not out[: R - 5].any()
 
 
-@pytest.mark.parametrize("dtype,gated,act", [(torch.float32, True, "silu"), (torch.bfloat16, False, "relu"),
+@pytest.mark.parametrize("dtype,gated,act", [(torch.float32, True, "silu"),
+                                             (torch.bfloat16, False, "relu"),
                                              (torch.float16, True, "gelu")], ids=str)
 @pytest.mark.parametrize("T", [5, 300])
 def test_fused_experts_stats_cuda(dtype, gated, act, T):
@@ -347,8 +350,8 @@ def test_fused_experts_stats_cuda(dtype, gated, act, T):
     w_up, w_down = _params(E, H, I, gated, dtype, 5)
     gain = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0])
     args = (ids, w, w_up, w_down)
-    got = moeops.fused_experts_stats(h.cuda(), *(t.cuda() for t in args), activation=act, gated=gated,
-                                     gain=gain.cuda(), backend="cpp")
+    got = moeops.fused_experts_stats(h.cuda(), *(t.cuda() for t in args), activation=act,
+                                     gated=gated, gain=gain.cuda(), backend="cpp")
     plain = moeops.fused_experts(h.cuda(), *(t.cuda() for t in args), activation=act, gated=gated,
                                  gain=gain.cuda(), backend="cpp")
     want = reference.fused_experts_stats(h, *args, activation=act, gated=gated, gain=gain)

@@ -236,7 +236,8 @@ def test_experts_match_reference_and_paths_agree(T, density, wdt, cpu_isa):
         assert torch.equal(active, want_active)
         outs[down] = out
     if wdt != torch.float32:  # no GEMM fallback: every path is the same FMA chain per output
-        assert torch.equal(outs["auto"], outs["dense"]) and torch.equal(outs["sparse"], outs["dense"])
+        assert (torch.equal(outs["auto"], outs["dense"])
+                and torch.equal(outs["sparse"], outs["dense"]))
     elif density <= 0.1:  # auto stays on the sparse paths: bit-identical to the forced sparse one
         assert torch.equal(outs["auto"], outs["sparse"])
     if T >= 40:
@@ -253,9 +254,13 @@ def test_experts_without_features_count_bias_units(device, bias):
     ids = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0]], dtype=torch.int32)
     x, w = torch.zeros(4, 0), torch.rand(4, 2, generator=_gen(0))
     w_enc, w_dec = torch.zeros(3, 5, 0), torch.zeros(3, 5, 0)
-    want_out, want_active = ref.moex_experts(x, ids, w, w_enc, b_enc, w_dec, None, return_active=True)
-    on = (lambda t: None if t is None else t.to(device))
-    out, active = moeops.moex_experts(*map(on, (x, ids, w, w_enc, b_enc, w_dec)), None, return_active=True)
+    want_out, want_active = ref.moex_experts(x, ids, w, w_enc, b_enc, w_dec, None,
+                                             return_active=True)
+
+    def on(t):
+        return None if t is None else t.to(device)
+    out, active = moeops.moex_experts(*map(on, (x, ids, w, w_enc, b_enc, w_dec)), None,
+                                      return_active=True)
     assert out.shape == (4, 0) and out.device.type == device
     assert torch.equal(active.cpu(), want_active)
     assert active.tolist() == ([[3, 5], [0, 0], [0, 0], [5, 3]] if bias else [[0, 0]] * 4)
@@ -268,7 +273,8 @@ def test_down_projection_paths_are_exact(density):
     g = _gen(3)
     M, D, d, R = 3, 200, 72, 40
     w_dec = (torch.randn(M, D, d, generator=g) * 0.1).bfloat16()
-    h = torch.relu(torch.randn(R, D, generator=g) + float(torch.special.ndtri(torch.tensor(density))))
+    h = torch.relu(torch.randn(R, D, generator=g)
+                   + float(torch.special.ndtri(torch.tensor(density))))
     offsets = torch.tensor([0, 1, 17, R], dtype=torch.int32)  # 1 row (rows path), 16, 23 rows
     down = torch.ops.moeops._moex_down
     outs = [down(h, offsets, w_dec, mode) for mode in ("auto", "dense", "sparse")]
@@ -440,7 +446,8 @@ def test_layer_stats_cache_follows_weight_updates():
         layer.b_enc.add_(1.0)  # in-place update: new version
         b = layer.route(x, return_density=True).density
     assert bool((b > a).all())
-    torch.testing.assert_close(b, ref.moex_route(x, *ref.moex_router_stats(layer.w_enc, layer.b_enc),
+    torch.testing.assert_close(b, ref.moex_route(x,
+                                                 *ref.moex_router_stats(layer.w_enc, layer.b_enc),
                                                  1, return_density=True)[2])
 
 

@@ -1,8 +1,9 @@
-"""One rank of the expert-parallel tests (tests/test_distributed.py launches W of these).
+"""One rank of the expert-parallel tests (tests/integrations/test_distributed.py launches W of
+these).
 
-``python tests/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``) on a gloo
-group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the
+``python tests/integrations/ep_worker.py SUITES OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT in the environment. Runs every scenario of SUITES (``layer``, ``hf`` or ``layer,hf``)
+on a gloo group and writes ``OUT_DIR/rank{r}.json``: per scenario, the largest differences from the
 single-process result (computed on every rank from the same seeds, over the tokens of all
 ranks) or an error.
 """
@@ -18,7 +19,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# tests/ (for the shared helpers in tests/support)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moeops  # noqa: E402
 from moeops.distributed import ExpertParallelMoE, ExpertPlacement  # noqa: E402
@@ -74,7 +76,7 @@ def scenarios(world: int) -> dict:
 def make_inputs(cfg, world, seed):
     g = torch.Generator().manual_seed(seed)
     dtype = cfg.get("dtype", torch.float32)
-    E, K, H, I = cfg["E"], cfg["K"], 32, 16
+    E, H, I = cfg["E"], 32, 16
     gated = cfg.get("gated", True)
     n_up = 2 * I if gated else I
 
@@ -203,9 +205,8 @@ HF_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3")
 
 
 def run_hf_scenario(family, rank, world, out_dir):
-    import hf_tiny
-
     from moeops.distributed import load_pretrained_expert_parallel
+    from support import hf_tiny
 
     model = hf_tiny.tiny_model(family, seed=3)
     ckpt = os.path.join(out_dir, f"ckpt_{family}")

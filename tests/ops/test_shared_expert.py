@@ -70,9 +70,10 @@ def test_qwen2_moe_block_fuses_shared_expert():
     shared term must be inside the op's combine."""
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 5.x block layout (4.x is covered by tests/test_hf_v4.py)")
-    from hf_tiny import OpCounter, tiny_model
+        pytest.skip("transformers 5.x block layout "
+                    "(4.x is covered by tests/integrations/test_hf_v4.py)")
     from moeops.integrations import hf
+    from support.hf_tiny import OpCounter, tiny_model
 
     model = tiny_model("qwen2_moe", seed=5)
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -64,7 +64,8 @@ def test_opt_in_peers_run_only_when_named(tiny, monkeypatch):
     peers even where it could run; named in --peers it runs, and its choices are reported."""
     monkeypatch.setattr(bg, "available_peers", lambda dev: ["moeops", "triton-tuned", "dense"])
     real = bg._peer_fn
-    monkeypatch.setattr(bg, "_peer_fn", lambda p, x, w, o: real("moeops" if p == "triton-tuned" else p, x, w, o))
+    monkeypatch.setattr(bg, "_peer_fn",
+                        lambda p, x, w, o: real("moeops" if p == "triton-tuned" else p, x, w, o))
     assert "triton-tuned" not in _run()["peers"]
     r = _run(peers=["moeops", "triton-tuned"])
     assert r["peers"] == ["moeops", "triton-tuned"] and r["ok"]
@@ -93,7 +94,8 @@ def test_unknown_names_are_rejected(tiny):
 
 
 def test_cli_reports_bad_model():
-    p = subprocess.run([sys.executable, "-m", "moeops", "bench", "--suite", "gemm", "--models", "nope"],
+    p = subprocess.run([sys.executable, "-m", "moeops", "bench", "--suite", "gemm",
+                        "--models", "nope"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "unknown model" in p.stderr
 

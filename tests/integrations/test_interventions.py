@@ -25,11 +25,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 import moeops  # noqa: E402
 from moeops import interventions as iv  # noqa: E402
-from moeops import reference  # noqa: E402
 from moeops.interventions._state import LayerState  # noqa: E402
-
-from hf_tiny import OpCounter, batch, tiny_config, tiny_model  # noqa: E402
-from iv_torch import NEG_INF, torch_route  # noqa: E402
+from support.hf_tiny import OpCounter, batch, tiny_config, tiny_model  # noqa: E402
+from support.iv_torch import NEG_INF, torch_route  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -636,7 +634,7 @@ def test_router_probabilities(family):
     model = patched(family)
     batches = [IDS[:, :8], IDS[:1, 3:]]
     r = iv.router_probabilities(model, batches)
-    sums, counts, n = {}, {}, 0
+    sums, counts = {}, {}
     rec = {}
 
     def on_slots(i, x, lg, w, ids, y, routed):

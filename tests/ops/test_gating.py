@@ -189,7 +189,8 @@ def test_gradient_matches_reference(device):
     bias = randn(10, seed=6, scale=0.1)
     mask = torch.zeros(10, dtype=torch.bool)
     mask[1] = True
-    for kw in (dict(renormalize=True), dict(scoring="sigmoid", bias=bias, routed_scaling_factor=2.0),
+    for kw in (dict(renormalize=True),
+               dict(scoring="sigmoid", bias=bias, routed_scaling_factor=2.0),
                dict(mask=mask, mask_mode="drop_renorm", renormalize=True)):
         a = x.clone().to(device).requires_grad_()
         b = x.clone().requires_grad_()

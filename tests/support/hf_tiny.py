@@ -87,7 +87,7 @@ def _reinit(model, seed: int) -> None:
             if hasattr(module, "e_score_correction_bias"):
                 normal_(module.e_score_correction_bias, 0.05)
         elif isinstance(module, experts_cls):
-            for name, p in module.named_parameters(recurse=False):
+            for _name, p in module.named_parameters(recurse=False):
                 normal_(p, 0.12)
     for p in model.parameters():  # anything else still all-zero (gates, biases of 2-D params)
         if p.dim() > 1 and not p.abs().sum():

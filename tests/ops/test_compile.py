@@ -25,7 +25,8 @@ def test_compile_fullgraph_matches_eager(device):
     torch.testing.assert_close(compiled(x, router_w, expert_w, 2), eager)
     # and with a different token count (dynamic shapes, no recompiles needed for correctness)
     x2 = torch.randn(5, 16, generator=g).to(device)
-    torch.testing.assert_close(compiled(x2, router_w, expert_w, 2), routing_layer(x2, router_w, expert_w, 2))
+    torch.testing.assert_close(compiled(x2, router_w, expert_w, 2),
+                               routing_layer(x2, router_w, expert_w, 2))
 
 
 def test_compile_backward(device):

@@ -6,8 +6,7 @@ import torch
 
 import moeops
 from moeops import reference
-
-from samples import _ids
+from support.samples import _ids
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -147,17 +146,20 @@ def test_gradcheck_float64_reference_semantics():
     (lambda: moeops.route_plan(torch.tensor([[0, 4]], dtype=torch.int32), 4), "ids must be in"),
     (lambda: moeops.route_plan(torch.tensor([[0, -2]], dtype=torch.int32), 4), "ids must be in"),
     (lambda: moeops.route_plan(torch.zeros(2, 2, dtype=torch.int32), 0), "num_experts must be"),
-    (lambda: moeops.permute(torch.zeros(4), torch.zeros(4, dtype=torch.int32), 1), "hidden must be 2-D"),
+    (lambda: moeops.permute(torch.zeros(4), torch.zeros(4, dtype=torch.int32), 1),
+     "hidden must be 2-D"),
     (lambda: moeops.permute(torch.zeros(2, 4), torch.tensor([0, 5], dtype=torch.int32), 2),
      "out of range"),
-    (lambda: moeops.permute(torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 1),
+    (lambda: moeops.permute(torch.zeros(2, 4, dtype=torch.int32),
+                            torch.zeros(2, dtype=torch.int32), 1),
      "hidden must be float32"),
     (lambda: moeops.permute(torch.zeros(2, 4), torch.zeros(2, dtype=torch.int32), 1,
                             torch.zeros(3)), "slot_scale must have"),
     (lambda: moeops.combine(torch.zeros(4, 3), torch.zeros(2, 2), torch.tensor([0, 1, 2, 4],
                                                                                dtype=torch.int32)),
      "out of range"),
-    (lambda: moeops.combine(torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(3, dtype=torch.int32)),
+    (lambda: moeops.combine(torch.zeros(4, 3), torch.zeros(2, 2),
+                            torch.zeros(3, dtype=torch.int32)),
      "inverse must have"),
     (lambda: moeops.combine(torch.zeros(4, 3), torch.zeros(2, 2, dtype=torch.float16),
                             torch.zeros(4, dtype=torch.int32)), "weights must be Float"),

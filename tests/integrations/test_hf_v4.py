@@ -1,7 +1,7 @@
 """transformers 4.x (4.57): moeops.patch on Mixtral and Qwen2-MoE, whose experts are ModuleLists
 of per-expert MLPs. The patched block runs topk_gating + fused_experts_list over the experts' own
 weight tensors (no stacking, no copies). Runs in CI's transformers-4.57 environment; skipped under
-transformers 5.x (tests/test_hf_models.py covers 5.x)."""
+transformers 5.x (tests/integrations/test_hf_models.py covers 5.x)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ if int(transformers.__version__.split(".")[0]) >= 5:
                 allow_module_level=True)
 
 import moeops  # noqa: E402
-from hf_tiny import OpCounter  # noqa: E402
+from support.hf_tiny import OpCounter  # noqa: E402
 
 VOCAB = 96
 
@@ -99,7 +99,8 @@ def test_gradients_match(family):
         scale = ga[name].abs().max().item()
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-5 * scale + 1e-12,
                                    msg=name)
-    router = [n for n in ga if n.endswith("mlp.gate.weight") or n.endswith("block_sparse_moe.gate.weight")]
+    router = [n for n in ga
+              if n.endswith("mlp.gate.weight") or n.endswith("block_sparse_moe.gate.weight")]
     assert router and all(gb[n].abs().sum() > 0 for n in router)
 
 

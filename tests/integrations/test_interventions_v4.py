@@ -1,8 +1,8 @@
 """moeops.interventions on transformers 4.x (4.57) Mixtral and Qwen2-MoE, whose experts are
 ModuleLists: the patched sparse block hands over to the layer's intervention state. Compared with
-a pure-torch block (tests/iv_torch.py routing + Hugging Face's own per-expert MLP modules).
+a pure-torch block (tests/support/iv_torch.py routing + Hugging Face's own per-expert MLP modules).
 Runs in CI's transformers-4.57 environment; skipped under transformers 5.x
-(tests/test_interventions.py covers 5.x)."""
+(tests/integrations/test_interventions.py covers 5.x)."""
 
 import pytest
 import torch
@@ -16,9 +16,8 @@ if int(transformers.__version__.split(".")[0]) >= 5:
 
 import moeops  # noqa: E402
 from moeops import interventions as iv  # noqa: E402
-
-from hf_tiny import OpCounter  # noqa: E402
-from iv_torch import torch_route  # noqa: E402
+from support.hf_tiny import OpCounter  # noqa: E402
+from support.iv_torch import torch_route  # noqa: E402
 
 VOCAB = 96
 FAMILIES = ["mixtral", "qwen2_moe"]
@@ -150,7 +149,8 @@ def test_gain_and_off_ops(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stats_match_pure_torch(family):
     rec = {}
-    torch_model(family, on_slots=lambda i, x, lg, w, ids, y, r: rec.__setitem__(i, (lg, w, ids, y)))(
+    torch_model(family,
+                on_slots=lambda i, x, lg, w, ids, y, r: rec.__setitem__(i, (lg, w, ids, y)))(
         IDS, use_cache=False)
     model = patched(family)
     with iv.collect_stats(model, "outputs") as read:

@@ -15,7 +15,8 @@ def test_permute_combine_beyond_2_31_elements():
     T, K, E, H = 16384, 8, 64, 16400  # T*K*H = 2.15e9 > 2^31 elements in the permuted rows
     assert T * K * H > 2**31
     g = torch.Generator().manual_seed(0)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(64)]).int().repeat(T // 64, 1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K]
+                       for _ in range(64)]).int().repeat(T // 64, 1)
     hidden = torch.empty(T, H, dtype=torch.bfloat16)
     hidden.view(torch.int16).copy_(torch.arange(T, dtype=torch.int16).unsqueeze(1))  # row-id bits
     hidden[:, -1] = torch.arange(T).float().bfloat16()
@@ -41,7 +42,8 @@ def test_fused_experts_beyond_2_31_elements():
     assert T * K * H > 2**31
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(T, H, generator=g).bfloat16()
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(64)]).int().repeat(T // 64 + 1, 1)[:T]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K]
+                       for _ in range(64)]).int().repeat(T // 64 + 1, 1)[:T]
     ids[-1, 3] = -1  # an empty slot at the far end
     weights = torch.rand(T, K, generator=g)
     w_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).bfloat16()

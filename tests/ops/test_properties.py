@@ -687,9 +687,10 @@ def test_moex_experts_matches_reference(c):
     w_enc = _randn((M, D, d), c["wdt"], g, 1 / math.sqrt(d))
     w_dec = _randn((M, D, d), c["wdt"], g, 1 / math.sqrt(D))
     # encoder bias sets the fraction of active units (density 0 / 1: none / all)
-    z = {0.0: -1e4, 1.0: 1e4}.get(c["density"], float(torch.special.ndtri(torch.tensor(c["density"]))))
-    b_enc = (z * w_enc.float().norm(dim=2)).to(c["wdt"]) if c["bias"] or c["density"] in (0.0, 1.0) \
-        else None
+    z = {0.0: -1e4, 1.0: 1e4}.get(c["density"],
+                                  float(torch.special.ndtri(torch.tensor(c["density"]))))
+    b_enc = (z * w_enc.float().norm(dim=2)).to(c["wdt"]) \
+        if c["bias"] or c["density"] in (0.0, 1.0) else None
     b_dec = _randn((M, d), c["wdt"], g, 0.1) if c["bias"] else None
     args = (ids, weights, w_enc, b_enc, w_dec, b_dec)
     outs = []

@@ -10,7 +10,8 @@ from moeops import models
 from moeops.bench import experts as be
 from moeops.bench import experts_report
 
-pytest.importorskip("transformers", minversion="5", reason="the experts suite needs transformers >= 5")
+pytest.importorskip("transformers", minversion="5",
+                    reason="the experts suite needs transformers >= 5")
 
 
 @pytest.fixture

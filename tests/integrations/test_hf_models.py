@@ -39,8 +39,7 @@ pytest.importorskip(
 
 import moeops  # noqa: E402
 from moeops.integrations import hf  # noqa: E402
-
-from hf_tiny import (  # noqa: E402
+from support.hf_tiny import (  # noqa: E402
     EOS_ID,
     FAMILIES,
     PAD_ID,
@@ -50,7 +49,6 @@ from hf_tiny import (  # noqa: E402
     batch,
     num_moe_layers,
     router_and_experts_classes,
-    tiny_config,
     tiny_model,
 )
 

@@ -1,6 +1,6 @@
 """The CUDA side of the reliability suite (docs/reliability.md), run by scripts/gpu_check.sh:
 
-* the property tests of tests/test_properties.py (same strategies, same reference) driving the
+* the property tests of tests/ops/test_properties.py (same strategies, same reference) driving the
   CUDA kernels, with CUDA's tolerances for 16-bit intermediates;
 * the documented CUDA behaviour for out-of-range indices (no host synchronisation, so no raise:
   ids outside [-1, E) are empty slots, bad permute slots give zero rows, bad combine entries
@@ -20,17 +20,16 @@ import sys
 import textwrap
 
 import pytest
+import test_properties as tp
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeops  # noqa: F401
 from moeops import reference as ref
+from support import CUDA_SKIP_REASON, cuda_ready
 
-import test_properties as tp
-from conftest import CUDA_SKIP_REASON, _cuda_ready
-
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _cuda_ready(), reason=CUDA_SKIP_REASON)]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)]
 
 _ops = torch.ops.moeops
 # CUDA's tensor-core path stores the activation in the 16-bit dtype (as Hugging Face does)
@@ -76,7 +75,8 @@ def test_route_plan_cuda_matches_reference(T, K, E, empty, unique, seed):
     tp.check_plan_invariants(ids, E, got)
 
 
-@pytest.mark.parametrize("n,E", [(1024, 64), (1025, 64), (1024, 4095), (1024, 4096), (1, 1), (7, 300)])
+@pytest.mark.parametrize("n,E", [(1024, 64), (1025, 64), (1024, 4095), (1024, 4096), (1, 1),
+                                 (7, 300)])
 def test_route_plan_cuda_both_paths_match_reference(n, E):
     """Plans of up to 1024 slots over fewer than 4096 experts take the one-block kernel, larger
     ones the radix sort: both give the reference's plan (ties in slot order, empty slots last)."""
@@ -98,9 +98,11 @@ def test_permute_and_combine_cuda_match_reference(c, wpattern):
     _, sorted_slots, inverse = ref.route_plan(ids, c["E"])
     hidden = tp._randn((T, H), dt, g)
     scale = torch.rand(T * K, generator=g) * 2 - 0.5 if c["scale"] else None
-    got = _ops.permute(tp._layout(hidden.cuda(), c["layout"]), sorted_slots.cuda(), K, _cu(scale)).cpu()
+    got = _ops.permute(tp._layout(hidden.cuda(), c["layout"]), sorted_slots.cuda(), K,
+                       _cu(scale)).cpu()
     want = ref.permute(hidden, sorted_slots, K, scale)
-    torch.testing.assert_close(got, want, **(dict(rtol=0, atol=0) if scale is None else tp.ROUND_TOL[dt]))
+    torch.testing.assert_close(got, want, **(dict(rtol=0, atol=0) if scale is None
+                                             else tp.ROUND_TOL[dt]))
     weights = torch.rand(T, K, generator=g) * (1 if wpattern == "random" else -3)
     rows = tp._randn((T * K, H), dt, g)
     got = _ops.combine(tp._layout(rows.cuda(), c["layout"]), weights.cuda(), inverse.cuda()).cpu()
@@ -119,12 +121,14 @@ def test_grouped_gemm_cuda_matches_reference(path, R, Kd, N, E, pad, xdt, wdt, w
     g = tp._gen(seed)
     used = max(0, R - pad)
     cuts = torch.sort(torch.randint(0, used + 1, (E - 1,), generator=g)).values
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), used)]).to(torch.int32)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), cuts,
+                         torch.full((1,), used)]).to(torch.int32)
     x = tp._randn((R, Kd), xdt, g)
     w = tp._randn((E, Kd, N) if w_transposed else (E, N, Kd), wdt, g, 1.0 / math.sqrt(max(Kd, 1)))
     moeops._C.set_cuda_gemm_path(path)
     try:
-        got = _ops.grouped_gemm(tp._layout(x.cuda(), layout), w.cuda(), offsets.cuda(), w_transposed).cpu()
+        got = _ops.grouped_gemm(tp._layout(x.cuda(), layout), w.cuda(), offsets.cuda(),
+                                w_transposed).cpu()
     finally:
         moeops._C.set_cuda_gemm_path("auto")
     want = ref.grouped_gemm(x, w, offsets, w_transposed)
@@ -163,7 +167,8 @@ def test_moex_experts_cuda_matches_reference(c):
     want, want_active = ref.moex_experts(hidden, *args, "auto", True)
     dt = c["hdt"] if c["hdt"] != torch.float32 else c["wdt"]
     for down in ("auto", "dense", "sparse"):
-        out, active = _ops.moex_experts(tp._layout(hidden.cuda(), c["layout"]), *map(_cu, args), down, True)
+        out, active = _ops.moex_experts(tp._layout(hidden.cuda(), c["layout"]), *map(_cu, args),
+                                        down, True)
         torch.testing.assert_close(out.cpu().float(), want.float(), **CUDA_MM_TOL[dt])
         # active counts: exact except ReLU units whose pre-activation rounds across 0
         assert bool(((active.cpu() - want_active).abs() <= 1 + 0.01 * want_active).all())
@@ -184,7 +189,8 @@ def test_moex_route_cuda_matches_reference(c):
     mask = tp._bool_tensor(c["mask"], T, M, 0.3, g)
     forced = tp._bool_tensor(c["forced"], T, M, 0.2, g)
     args = (mu, var, bm, k, c["select"], mask, c["mask_mode"], forced, True)
-    w, ids, dens = (t.cpu() for t in _ops.moex_route(tp._layout(x.cuda(), c["layout"]), *map(_cu, args)))
+    w, ids, dens = (t.cpu() for t in _ops.moex_route(tp._layout(x.cuda(), c["layout"]),
+                                                     *map(_cu, args)))
     rw, rids, rdens = ref.moex_route(x, *args)
     torch.testing.assert_close(dens, rdens, rtol=1e-5, atol=1e-6, equal_nan=True)
     if torch.equal(ids, rids):
@@ -204,7 +210,8 @@ def test_out_of_range_indices_follow_the_documented_cuda_behaviour():
     skipped, grouped GEMM offsets are clamped to [0, R]."""
     g = tp._gen(5)
     T, K, E, H, I = 6, 2, 4, 16, 8
-    ids = torch.tensor([[0, 1], [2, E], [3, -7], [2**31 - 1, 0], [-2**31, 1], [1, 2]], dtype=torch.int32)
+    ids = torch.tensor([[0, 1], [2, E], [3, -7], [2**31 - 1, 0], [-2**31, 1], [1, 2]],
+                       dtype=torch.int32)
     clean = torch.where((ids >= 0) & (ids < E), ids, -1)
     for a, b in zip(_ops.route_plan(ids.cuda(), E), ref.route_plan(clean, E)):
         assert torch.equal(a.cpu(), b)
@@ -216,8 +223,8 @@ def test_out_of_range_indices_follow_the_documented_cuda_behaviour():
     want = ref.fused_experts(hidden, clean, weights, w_up, w_down)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     w_enc, w_dec = torch.randn(E, 8, H, generator=g), torch.randn(E, 8, H, generator=g)
-    got = _ops.moex_experts(hidden.cuda(), ids.cuda(), weights.cuda(), w_enc.cuda(), None, w_dec.cuda(),
-                            None, "auto", False)[0]
+    got = _ops.moex_experts(hidden.cuda(), ids.cuda(), weights.cuda(), w_enc.cuda(), None,
+                            w_dec.cuda(), None, "auto", False)[0]
     want = ref.moex_experts(hidden, clean, weights, w_enc, None, w_dec)[0]
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     slots = torch.tensor([0, 5, T * K, -9, 2**31 - 1, 3], dtype=torch.int32)
@@ -227,7 +234,8 @@ def test_out_of_range_indices_follow_the_documented_cuda_behaviour():
     inverse = torch.tensor([0, 1, 2, 99, -5, 5, 6, 7, 8, 9, 10, 2**31 - 1], dtype=torch.int32)
     expert_out = torch.randn(12, H, generator=g)
     got = _ops.combine(expert_out.cuda(), weights.cuda(), inverse.cuda()).cpu()
-    want = ref.combine(expert_out, weights, torch.where((inverse >= 0) & (inverse < 12), inverse, -1))
+    want = ref.combine(expert_out, weights,
+                       torch.where((inverse >= 0) & (inverse < 12), inverse, -1))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     x = torch.randn(10, H, generator=g)
     w = torch.randn(3, 5, H, generator=g)
@@ -257,7 +265,8 @@ gw = torch.randn(E, I, H, generator=g)
 w_enc = torch.randn(E, 5, H, generator=g)
 cases = [
     ("gating_k_gt_E", "k", lambda: ops.topk_gating(c(logits), E + 1)),
-    ("gating_mask_cpu", "mask", lambda: ops.topk_gating(c(logits), 1, mask=torch.zeros(E, dtype=torch.bool))),
+    ("gating_mask_cpu", "mask",
+     lambda: ops.topk_gating(c(logits), 1, mask=torch.zeros(E, dtype=torch.bool))),
     ("gating_E_too_big", "logits", lambda: ops.topk_gating(c(torch.zeros(2, 513)), 1)),
     ("plan_ids_int64", "ids", lambda: ops.route_plan(c(ids.long()), E)),
     ("permute_slots_cpu", "sorted_slots", lambda: ops.permute(c(hidden), ss, K)),
@@ -267,13 +276,19 @@ cases = [
     ("gg_offsets_wrong", "offsets", lambda: ops.grouped_gemm(c(rows), c(gw), c(offsets[:-1]))),
     ("gg_k_mismatch", "w", lambda: ops.grouped_gemm(c(rows), c(gw[:, :, :-1]), c(offsets))),
     ("fe_ids_cpu", "ids", lambda: ops.fused_experts(c(hidden), ids, c(wts), c(w_up), c(w_down))),
-    ("fe_w_down_shape", "w_down", lambda: ops.fused_experts(c(hidden), c(ids), c(wts), c(w_up), c(w_down[:, :-1]))),
-    ("fe_bad_activation", "activation", lambda: ops.fused_experts(c(hidden), c(ids), c(wts), c(w_up), c(w_down), activation="tanh")),
-    ("mexp_w_dec_cpu", "w_dec", lambda: ops.moex_experts(c(hidden), c(ids), c(wts), c(w_enc), None, w_enc, None, "auto", False)),
+    ("fe_w_down_shape", "w_down",
+     lambda: ops.fused_experts(c(hidden), c(ids), c(wts), c(w_up), c(w_down[:, :-1]))),
+    ("fe_bad_activation", "activation",
+     lambda: ops.fused_experts(c(hidden), c(ids), c(wts), c(w_up), c(w_down), activation="tanh")),
+    ("mexp_w_dec_cpu", "w_dec",
+     lambda: ops.moex_experts(c(hidden), c(ids), c(wts), c(w_enc), None, w_enc, None, "auto",
+                              False)),
     ("mstats_w_int", "w_enc", lambda: ops.moex_router_stats(c(w_enc.int()), None)),
 ]
 if torch.cuda.device_count() > 1:
-    cases.append(("fe_two_gpus", "w_up", lambda: ops.fused_experts(c(hidden), c(ids), c(wts), w_up.to("cuda:1"), c(w_down))))
+    cases.append(("fe_two_gpus", "w_up",
+                  lambda: ops.fused_experts(c(hidden), c(ids), c(wts), w_up.to("cuda:1"),
+                                            c(w_down))))
 ALLOWED = (ValueError, TypeError, RuntimeError, IndexError)
 for name, arg, fn in cases:
     try:
@@ -281,7 +296,8 @@ for name, arg, fn in cases:
         torch.cuda.synchronize()
     except ALLOWED as e:
         ok = arg.lower() in str(e).lower()
-        print(("ok " if ok else f"FAIL message does not name {arg!r}: ") + name + ("" if ok else " " + str(e).splitlines()[0]), flush=True)
+        print(("ok " if ok else f"FAIL message does not name {arg!r}: ") + name
+              + ("" if ok else " " + str(e).splitlines()[0]), flush=True)
     except BaseException as e:
         print(f"FAIL {name} unexpected {type(e).__name__}: {e}", flush=True)
     else:
@@ -292,7 +308,8 @@ print(f"cases {len(cases)}", flush=True)
 
 
 def test_cuda_bad_inputs_raise_naming_the_argument():
-    proc = subprocess.run([sys.executable, "-c", CUDA_BATTERY], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", CUDA_BATTERY], capture_output=True, text=True,
+                          timeout=180)
     out = proc.stdout.splitlines()
     assert proc.returncode == 0, (proc.returncode, out[-3:], proc.stderr[-3000:])
     fails = [line for line in out if line.startswith("FAIL")]
@@ -356,24 +373,29 @@ def test_cuda_degenerate_shapes_match_the_cpu(path):
     shared = tp._randn((T, H), torch.bfloat16, g)
     cases = []
     ids0 = torch.full((T, K), -1, dtype=torch.int32)
-    up0, down0 = torch.zeros(0, 2 * I, H, dtype=torch.bfloat16), torch.zeros(0, H, I, dtype=torch.bfloat16)
+    up0, down0 = (torch.zeros(0, 2 * I, H, dtype=torch.bfloat16),
+                  torch.zeros(0, H, I, dtype=torch.bfloat16))
     cases.append(((h, ids0, w, up0, down0), dict()))
     cases.append(((h, ids0, w, up0, down0), dict(gain=torch.zeros(0), shared_out=shared)))
     E = 4
     ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
-    upz, downz = torch.zeros(E, 0, H, dtype=torch.bfloat16), torch.zeros(E, H, 0, dtype=torch.bfloat16)
+    upz, downz = (torch.zeros(E, 0, H, dtype=torch.bfloat16),
+                  torch.zeros(E, H, 0, dtype=torch.bfloat16))
     cases.append(((h, ids, w, upz, downz), dict(b_down=torch.randn(E, H, generator=g))))
     moeops._C.set_cuda_gemm_path(path)
     try:
         for args, kw in cases:
             want = _ops.fused_experts(*args, **kw)
-            got = _ops.fused_experts(*(a.cuda() for a in args), **{k: v.cuda() for k, v in kw.items()})
-            torch.testing.assert_close(got.cpu().float(), want.float(), **CUDA_MM_TOL[torch.bfloat16])
+            got = _ops.fused_experts(*(a.cuda() for a in args),
+                                     **{k: v.cuda() for k, v in kw.items()})
+            torch.testing.assert_close(got.cpu().float(), want.float(),
+                                       **CUDA_MM_TOL[torch.bfloat16])
         # K = 0 with a row stride of 8: zeros, from the SIMT kernel (the tensor-core kernel's
         # cp.async pipeline needs K > 0; its result would be zeros too, so memcheck is the guard)
         x = torch.randn(40, 8, device="cuda").to(torch.bfloat16)[:, :0]
         offsets = torch.tensor([0, 10, 10, 40], dtype=torch.int32, device="cuda")
-        out = _ops.grouped_gemm(x, torch.zeros(3, 24, 0, dtype=torch.bfloat16, device="cuda"), offsets, False)
+        out = _ops.grouped_gemm(x, torch.zeros(3, 24, 0, dtype=torch.bfloat16, device="cuda"),
+                                offsets, False)
         torch.cuda.synchronize()
         assert out.shape == (40, 24) and bool((out == 0).all())
     finally:

@@ -9,12 +9,11 @@ import torch
 import moeops
 from moeops import reference
 from moeops.info import registered_ops
-
-from samples import SAMPLES
+from support.samples import SAMPLES
 
 OPS = registered_ops()
-# Ops without a CUDA kernel (transformers 4.x per-expert lists; the statistics variant); on CUDA tensors
-# backend="auto" falls back to the reference with a warning and backend="cpp" says why.
+# Ops without a CUDA kernel (transformers 4.x per-expert lists; the statistics variant); on CUDA
+# tensors backend="auto" falls back to the reference with a warning and backend="cpp" says why.
 CPU_ONLY_OPS = {"fused_experts_list"}
 # MoE-X wide-code export: data-dependent output size, CPU kernel only (docs/moex.md).
 CPU_ONLY_OPS |= {"moex_code"}
@@ -30,11 +29,12 @@ def test_op_is_complete(name):
     qual = f"moeops::{name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"), f"{qual} has no CPU kernel"
     if moeops._C.with_cuda and name not in CPU_ONLY_OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"), f"{qual}: no CUDA kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"), (
+            f"{qual}: no CUDA kernel")
     fake = torch._library.simple_registry.singleton.find(qual).fake_impl.kernel
     assert fake is not None, f"{qual} has no fake kernel (register_fake in ops.py)"
     assert callable(getattr(reference, name, None)), f"{qual} has no reference in reference.py"
-    assert name in SAMPLES, f"{qual} has no opcheck samples in tests/samples.py"
+    assert name in SAMPLES, f"{qual} has no opcheck samples in tests/support/samples.py"
     assert callable(getattr(moeops, name, None)), f"{qual} has no public wrapper"
     assert getattr(moeops, name).__doc__, f"moeops.{name} has no docstring"
 
