@@ -45,7 +45,8 @@ def test_routing_stage(benchmark, case, impl, stage):
     }
     fn = calls[stage]
     out, want = fn(), getattr(reference, stage if stage != "gating" else "topk_gating")
-    ref = {"gating": lambda: want(case["logits"], K, case["scoring"], True, 1.0, None, **case["gkw"]),
+    ref = {"gating": lambda: want(case["logits"], K, case["scoring"], True, 1.0, None,
+                                  **case["gkw"]),
            "route_plan": lambda: want(case["ids"], m["E"]),
            "permute": lambda: want(case["hidden"], case["plan"][1], K),
            "combine": lambda: want(case["rows"], case["w"], case["plan"][2])}[stage]()

@@ -11,10 +11,13 @@ from moeops._load import load_extension as _load_extension
 
 _C = _load_extension()
 
-from moeops import reference  # noqa: E402
-from moeops._dispatch import BACKENDS  # noqa: E402
-from moeops._version import __version__  # noqa: E402
-from moeops.ops import (  # noqa: E402
+# ruff: noqa: E402  (everything below needs the extension loaded)
+# _triton registers the Triton backend with moeops._dispatch (without importing triton);
+# interventions: routing statistics and expert interventions (moeops.interventions)
+from moeops import _triton, interventions, reference  # noqa: F401
+from moeops._dispatch import BACKENDS
+from moeops._version import __version__
+from moeops.ops import (
     ExpertsStatsResult,
     GatingResult,
     MoexCode,
@@ -35,8 +38,6 @@ from moeops.ops import (  # noqa: E402
     route_plan,
     topk_gating,
 )
-from moeops import _triton  # noqa: E402, F401  (registers the Triton backend; imports no triton)
-from moeops import interventions  # noqa: E402  (routing statistics and expert interventions)
 
 
 def patch(model, *, ep_group=None, expert_to_rank=None):
@@ -77,7 +78,8 @@ def unpatch_model_type(model_type: str) -> None:
     hf.unpatch_model_type(model_type)
 
 __all__ = [
-    "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type", "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
+    "BACKENDS", "GatingResult", "patch", "unpatch", "patch_model_type", "unpatch_model_type",
+    "RoutingPlan", "combine", "fused_experts", "fused_experts_list", "grouped_gemm",
     "permute", "reference", "route_plan", "topk_gating", "__version__",
     "ExpertsStatsResult", "fused_experts_stats", "interventions",
     "MoexCode", "MoexExpertsResult", "MoexRouting", "MoexStats", "moex_code", "moex_experts",

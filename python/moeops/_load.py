@@ -46,7 +46,8 @@ def _explain(err: BaseException) -> str:
                      "--no-build-isolation --force-reinstall --no-deps .`")
     else:
         lines.append(f"Built with torch {built}; running torch {torch.__version__}. "
-                     "Rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`")
+                     "Rebuild with `pip install --no-build-isolation --force-reinstall "
+                     "--no-deps .`")
     return "\n".join(lines)
 
 

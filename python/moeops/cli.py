@@ -51,14 +51,16 @@ def _experts_bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moeops bench: --device cuda asked but torch sees no CUDA device")
     try:
-        cases = be.select_cases(args.models, args.tokens, args.dtypes, args.full, device=args.device)
+        cases = be.select_cases(args.models, args.tokens, args.dtypes, args.full,
+                                device=args.device)
     except ValueError as e:
         raise SystemExit(f"moeops bench: {e}") from None
     if args.plot:  # fail early, not after minutes of measuring
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("moeops bench: --plot needs matplotlib (pip install matplotlib)")
+            raise SystemExit(
+                "moeops bench: --plot needs matplotlib (pip install matplotlib)") from None
     try:
         r = be.run_experts_bench(
             cases, peers=args.peers or be.default_peers(args.device), device=args.device,
@@ -122,7 +124,7 @@ def _gemm_bench(args) -> int:
 
 
 def _moex_bench(args) -> int:
-    from moeops.bench.moex import format_moex_bench, format_row, HEADER, run_moex_bench
+    from moeops.bench.moex import HEADER, format_moex_bench, run_moex_bench
 
     if args.device != "cpu":
         raise SystemExit("moeops bench --suite moex: CPU only for now")
@@ -165,7 +167,8 @@ def _csv(kind):
         try:
             return [kind(v) for v in s.replace(",", " ").split()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list, got {s!r}") from None
     return parse
 
 

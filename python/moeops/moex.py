@@ -18,8 +18,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moeops.ops import (MoexCode, MoexRouting, MoexStats, moex_code, moex_experts, moex_route,
-                        moex_router_stats)
+from moeops.ops import (
+    MoexCode,
+    MoexRouting,
+    MoexStats,
+    moex_code,
+    moex_experts,
+    moex_route,
+    moex_router_stats,
+)
 
 __all__ = ["MoEXLayer", "MoexRecord", "upcycle_gpt2", "expert_l0"]
 
@@ -43,7 +50,8 @@ def expert_l0(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None) 
 
 
 class MoEXLayer(nn.Module):
-    """MoE-X layer: ``x [..., d] -> [..., d]`` over ``num_experts`` ReLU experts of width ``d_expert``.
+    """MoE-X layer: ``x [..., d] -> [..., d]`` over ``num_experts`` ReLU experts of width
+    ``d_expert``.
 
     Parameters ``w_enc [M, D, d]``, ``b_enc [M, D]``, ``w_dec [M, D, d]`` (unit-major decoder:
     row i is unit i's output direction), ``b_dec [M, d]``. Forward: router statistics
@@ -65,7 +73,8 @@ class MoEXLayer(nn.Module):
         if down not in ("auto", "dense", "sparse"):
             raise ValueError(f"down must be 'auto', 'dense' or 'sparse', got {down!r}")
         f = dict(device=device, dtype=dtype)
-        self.d_model, self.d_expert, self.num_experts, self.top_k = d_model, d_expert, num_experts, top_k
+        self.d_model, self.d_expert, self.num_experts, self.top_k = (d_model, d_expert,
+                                                                     num_experts, top_k)
         self.select, self.down, self.record, self.backend = select, down, record, backend
         self.w_enc = nn.Parameter(torch.empty(num_experts, d_expert, d_model, **f))
         self.w_dec = nn.Parameter(torch.empty(num_experts, d_expert, d_model, **f))
@@ -88,7 +97,8 @@ class MoEXLayer(nn.Module):
         self._stats_cache = None
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, "
+        return (f"d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, select={self.select!r}, down={self.down!r}")
 
     def router_stats(self) -> MoexStats:
@@ -158,7 +168,8 @@ class MoEXLayer(nn.Module):
             for j in range(num_experts):
                 we = w1.clone()
                 if noise > 0:
-                    we += (torch.randn(w1.shape, generator=g) * (noise * float(w1.float().std()))).to(we)
+                    we += (torch.randn(w1.shape, generator=g)
+                           * (noise * float(w1.float().std()))).to(we)
                 layer.w_enc[j].copy_(we)
                 layer.w_dec[j].copy_(w2t)
                 layer.b_enc[j].copy_(b1 if b1 is not None else torch.zeros(D))

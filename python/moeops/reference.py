@@ -491,10 +491,10 @@ def moex_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     For each non-empty slot (token t, expert e = ids[t, k]): ``h = ReLU(x_t @ w_enc[e].T +
     b_enc[e])`` (``w_enc [M, D, d]``), ``y = h @ w_dec[e] + b_dec[e]`` (``w_dec [M, D, d]``:
     the decoder stored unit-major), ``out[t] += weights[t, k] * y`` in fp32 in slot order.
-    ``active [T, K]`` int32 is the number of units with ``h != 0`` (active, or NaN) of each slot (0 for empty
-    slots) if ``return_active`` else ``[0]``. ``down`` picks the kernel's down-projection path
-    (``"auto"``, ``"dense"``, ``"sparse"``); every path computes the same numbers, so the
-    reference ignores it. Output in ``hidden.dtype``, intermediates fp32.
+    ``active [T, K]`` int32 is the number of units with ``h != 0`` (active, or NaN) of each slot
+    (0 for empty slots) if ``return_active`` else ``[0]``. ``down`` picks the kernel's
+    down-projection path (``"auto"``, ``"dense"``, ``"sparse"``); every path computes the same
+    numbers, so the reference ignores it. Output in ``hidden.dtype``, intermediates fp32.
     """
     if down not in MOEX_DOWN_MODES:
         raise ValueError(f"down must be one of {MOEX_DOWN_MODES}, got {down!r}")

@@ -15,8 +15,12 @@ from moeops._dispatch import triton_interpreting
 from moeops._triton import tuning
 from moeops._triton.kernels import TL_DTYPES, grouped_gemm_kernel
 from moeops.ops import combine, permute, route_plan
-from moeops.ops._autograd import (fused_experts_grads, grouped_gemm_grads, save_fused_experts,
-                                  save_grouped_gemm)
+from moeops.ops._autograd import (
+    fused_experts_grads,
+    grouped_gemm_grads,
+    save_fused_experts,
+    save_grouped_gemm,
+)
 
 __all__ = ["grouped_gemm", "fused_experts", "schedule"]
 

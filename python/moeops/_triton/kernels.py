@@ -60,7 +60,7 @@ def grouped_gemm_kernel(
     # Group E holds the padding rows: no K loop, no bias, the tile stores zeros. Straight-line
     # code (no early return, the loop under no runtime `if`). Compiled for sm_90 as a launch on
     # contiguous 16-bit tensors specialises it, the loop becomes wgmma fed by a num_stages-deep
-    # cp.async pipeline (tests/test_triton.py::test_kernel_compiles_for_sm90_and_sm80).
+    # cp.async pipeline (tests/ops/test_triton.py::test_kernel_compiles_for_sm90_and_sm80).
     is_expert = g < E
     k_len = tl.where(is_expert & live, K, 0)
     ge = tl.minimum(g, E - 1).to(tl.int64)

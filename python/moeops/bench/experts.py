@@ -46,9 +46,18 @@ from moeops import _C
 from moeops import models as model_table
 from moeops._timing import Laps, Stopwatch, median, sync, time_calls
 from moeops._version import __version__
-from moeops.bench.harness import (DTYPES, CpuMeter, Progress, combine_machine, cpu_info,
-                                  deadline_note, gemm_path, measure_machine, other_cpu_load,
-                                  rel_err)
+from moeops.bench.harness import (
+    DTYPES,
+    CpuMeter,
+    Progress,
+    combine_machine,
+    cpu_info,
+    deadline_note,
+    gemm_path,
+    measure_machine,
+    other_cpu_load,
+    rel_err,
+)
 from moeops.ops import fused_experts
 
 FULL_TOKENS = (1, 4, 16, 64, 256, 1024)
@@ -450,7 +459,7 @@ def _run_case(layer: Layer, c: Case, peers: list[str], backend: str, dev: torch.
         bar.step()
     if "moeops" in timings:
         m = timings["moeops"]["median_s"]
-        for p, r in timings.items():
+        for _p, r in timings.items():
             r["moeops_speedup"] = r["median_s"] / m
     return {
         "model": c.model, "dtype": c.dtype, "tokens": c.tokens,

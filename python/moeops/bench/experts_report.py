@@ -72,14 +72,15 @@ def format_experts_bench(r: dict) -> str:
         "moeops, ref, eager, grouped, batched: median ms [number of timed runs] of moeops."
         "fused_experts, the pure-torch reference, HF eager, HF grouped_mm, HF batched_mm "
         "(after one correctness call and, when cheap, one more warm-up)"
-        + ("; GPU time from CUDA events, L2 cache flushed before every call." if str(r.get("device", "")).startswith("cuda")
+        + ("; GPU time from CUDA events, L2 cache flushed before every call."
+           if str(r.get("device", "")).startswith("cuda")
            else "."),
         "xPEER: PEER's time / moeops' time (>1: moeops is faster). exp: distinct experts the "
         "random routing touches.",
     ]
     if any(p in GEMM_PATH_PEERS for p in peers):
-        lines.append("mma, sm90: moeops' CUDA layer with its grouped GEMMs forced onto the mma.sync "
-                     "/ CUTLASS sm_90a kernel (moeops: auto's choice).")
+        lines.append("mma, sm90: moeops' CUDA layer with its grouped GEMMs forced onto the "
+                     "mma.sync / CUTLASS sm_90a kernel (moeops: auto's choice).")
     lines += [
         "limit: the larger of bytes/bandwidth (bw; bytes = weights of the distinct experts) and "
         "FLOPs/GEMM rate (gemm; FLOPs = 2*T*K*3*H*I).",

@@ -96,7 +96,8 @@ def available_peers(device: torch.device) -> list[str]:
     return out
 
 
-def _peer_fn(peer: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _peer_fn(peer: str, x: torch.Tensor, w: torch.Tensor,
+             offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
     if peer in ("moeops", "moeops-sm90", "moeops-mma"):
         path = {"moeops": "auto", "moeops-sm90": "sm90", "moeops-mma": "mma"}[peer]
 
@@ -164,7 +165,8 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
     notes = [f"{p}: not available on this device/build, skipped" for p in wanted if p not in can]
     wanted = [p for p in wanted if p in can]
     machine = measure_machine(dev)
-    # the dense ceiling: bf16 mm on a GPU; on a CPU the bf16 rate where it was measured (AVX512-BF16)
+    # the dense ceiling: bf16 mm on a GPU; on a CPU the bf16 rate where it was measured
+    # (AVX512-BF16)
     dense_rate = machine["gemm_flops"]
     if dtype == "bf16" and machine.get("gemm_flops_bf16"):
         dense_rate = max(dense_rate, machine["gemm_flops_bf16"])
@@ -190,7 +192,8 @@ def run_gemm_bench(models: Sequence[str] | None = None, tokens: Sequence[int] | 
                 x = torch.randn(R, Kd, device=dev, generator=g, dtype=dt)
                 flops = 2 * R * N * Kd
                 ref = _reference(x, w, offsets_cpu) if any(p != "dense" for p in wanted) else None
-                case = dict(model=model, projection=proj, tokens=T, rows=R, E=E, N=N, K=Kd, flops=flops,
+                case = dict(model=model, projection=proj, tokens=T, rows=R, E=E, N=N, K=Kd,
+                            flops=flops,
                             max_rows_per_expert=int((offsets_cpu[1:] - offsets_cpu[:-1]).max()),
                             results={})
                 for p in wanted:
@@ -259,15 +262,18 @@ def format_gemm_bench(r: dict) -> str:
         cells = []
         for p in peers:
             res = c["results"].get(p, {})
-            cells.append(f"{res['flops_per_s'] / 1e12:>9.3g}" if "flops_per_s" in res else f"{'err':>9}")
+            cells.append(f"{res['flops_per_s'] / 1e12:>9.3g}" if "flops_per_s" in res
+                         else f"{'err':>9}")
         mo = c["results"].get("moeops", {})
         vs = f"{mo['vs_torch']:>9.2f}" if "vs_torch" in mo else f"{'-':>9}"
         fd = f"{100 * mo['frac_dense']:>7.0f}%" if "frac_dense" in mo else f"{'-':>8}"
         lines.append(f"{c['model'][:15]:<15}{c['projection']:>5}{c['tokens']:>7}"
                      f"{c['max_rows_per_expert']:>11}  " + "".join(cells) + vs + fd)
-    bad = [f"{c['model']} {c['projection']} T={c['tokens']} {p}: {res.get('error') or 'rel err ' + format(res['rel_err'], '.2e')}"
+    bad = [f"{c['model']} {c['projection']} T={c['tokens']} {p}: "
+           f"{res.get('error') or 'rel err ' + format(res['rel_err'], '.2e')}"
            for c in r["cases"] for p, res in c["results"].items()
-           if "error" in res or (res.get("rel_err") is not None and not res["rel_err"] <= TOLERANCE[r["dtype"]])]
+           if "error" in res or (res.get("rel_err") is not None
+                                 and not res["rel_err"] <= TOLERANCE[r["dtype"]])]
     lines += ["", "all implementations match the fp32 reference" if not bad else "FAILED checks:"]
     lines += [f"  {b}" for b in bad]
     if r.get("triton_tuned"):

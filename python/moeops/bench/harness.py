@@ -57,7 +57,7 @@ def measure_machine(device: str | torch.device = "cpu", repeats: int = 5,
                 "bandwidth_kind": "device copy (read + write)", "gemm_kind": "bf16 mm 8192^3"}
     # distinct values on every page (a page-deduplicating host cannot serve them from cache)
     buf = torch.arange(nbytes // 4, dtype=torch.float32, device=device)
-    t_read = timed(lambda: buf.sum())
+    t_read = timed(lambda buf=buf: buf.sum())
     del buf
     n = 2048
     g = torch.Generator().manual_seed(0)
@@ -92,7 +92,8 @@ def combine_machine(*ms: dict) -> dict:
     return {"bandwidth": max(m["bandwidth"] for m in ms),
             "gemm_flops": max(m["gemm_flops"] for m in ms),
             **({"gemm_flops_bf16": max(bf16)} if bf16 else {}),
-            "bandwidth_method": f"{ms[0]['bandwidth_kind']} of 1 GiB, median of 5, higher of start/end",
+            "bandwidth_method": f"{ms[0]['bandwidth_kind']} of 1 GiB, median of 5, "
+                                "higher of start/end",
             "gemm_method": f"{ms[0]['gemm_kind']}, median of 5, higher of start/end",
             "measurements": list(ms)}
 

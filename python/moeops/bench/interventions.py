@@ -26,10 +26,10 @@ import statistics
 import torch
 
 from moeops import interventions as iv
-from moeops.interventions._state import Stats, states
 from moeops import models
 from moeops._timing import median, time_interleaved, time_loop
 from moeops.integrations import hf
+from moeops.interventions._state import Stats, states
 from moeops.ops import topk_gating
 
 SHAPE = models.LAYERS["qwen3-30b-a3b"]

@@ -63,7 +63,8 @@ def run_moex_bench(tokens=(1, 4, 16, 64, 256), densities=(0.1, 0.5), budget=2.0,
                     order = torch.argsort(r.ids.flatten().long(), stable=True)
                     e_sorted = r.ids.flatten().long()[order]
                     tok = order // layer.top_k
-                    u = torch.einsum("rd,rkd->rk", x[tok], layer.w_enc[e_sorted]) + layer.b_enc[e_sorted]
+                    u = (torch.einsum("rd,rkd->rk", x[tok], layer.w_enc[e_sorted])
+                         + layer.b_enc[e_sorted])
                     h = torch.relu(u).contiguous()
                     offsets = torch.zeros(M + 1, dtype=torch.int32)
                     offsets[1:] = torch.cumsum(torch.bincount(e_sorted, minlength=M), 0)
@@ -73,11 +74,13 @@ def run_moex_bench(tokens=(1, 4, 16, 64, 256), densities=(0.1, 0.5), budget=2.0,
             wdec = layer.w_dec.detach()
             down = torch.ops.moeops._moex_down
             same = all(torch.allclose(down(st["h"], st["offsets"], wdec, "auto"),
-                                      down(st["h"], st["offsets"], wdec, "dense"), rtol=1e-5, atol=1e-5)
+                                      down(st["h"], st["offsets"], wdec, "dense"),
+                                      rtol=1e-5, atol=1e-5)
                        for st in sets)
 
             def down_with(mode):
-                return lambda n: down(sets[n % N_INPUTS]["h"], sets[n % N_INPUTS]["offsets"], wdec, mode)
+                return lambda n: down(sets[n % N_INPUTS]["h"], sets[n % N_INPUTS]["offsets"],
+                                      wdec, mode)
 
             def torch_dense(n):
                 st = sets[n % N_INPUTS]

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeops import _C  # noqa: F401  (torch.ops.moeops: the compiled ops)
-from moeops import reference
+from moeops import (
+    _C,  # noqa: F401  (torch.ops.moeops: the compiled ops)
+    reference,
+)
 from moeops._timing import median, time_calls
 from moeops.bench.harness import DTYPES
 

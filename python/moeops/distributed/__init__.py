@@ -31,8 +31,15 @@ rank by rank); every public name is importable from :mod:`moeops.distributed` it
 
 from moeops.distributed.checkpoint import load_pretrained_expert_parallel
 from moeops.distributed.expert_parallel import (  # noqa: F401  (is_expert_parallel: public)
-    PHASES, ExpertParallelMoE, ExpertPlacement, ep_fused_experts, is_expert_parallel,
-    patch_expert_parallel, shard_experts_module, shard_state_dict)
+    PHASES,
+    ExpertParallelMoE,
+    ExpertPlacement,
+    ep_fused_experts,
+    is_expert_parallel,
+    patch_expert_parallel,
+    shard_experts_module,
+    shard_state_dict,
+)
 
 __all__ = [
     "ExpertPlacement", "ExpertParallelMoE", "ep_fused_experts", "patch_expert_parallel",

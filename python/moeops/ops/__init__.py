@@ -15,11 +15,24 @@ differentiable, a ``register_autograd`` formula. Schemas are defined once, in
 ``csrc/torch_bindings.cpp``; semantics in :mod:`moeops.reference`.
 """
 
-from moeops.ops.experts import (ExpertsStatsResult, fused_experts, fused_experts_list,
-                                fused_experts_stats, grouped_gemm)
+from moeops.ops.experts import (
+                                ExpertsStatsResult,
+                                fused_experts,
+                                fused_experts_list,
+                                fused_experts_stats,
+                                grouped_gemm,
+)
 from moeops.ops.gating import GatingResult, topk_gating
-from moeops.ops.moex import (MoexCode, MoexExpertsResult, MoexRouting, MoexStats, moex_code,
-                             moex_experts, moex_route, moex_router_stats)
+from moeops.ops.moex import (
+                                MoexCode,
+                                MoexExpertsResult,
+                                MoexRouting,
+                                MoexStats,
+                                moex_code,
+                                moex_experts,
+                                moex_route,
+                                moex_router_stats,
+)
 from moeops.ops.permute import RoutingPlan, combine, permute, route_plan
 
 __all__ = [

@@ -12,8 +12,13 @@ from typing import NamedTuple
 import torch
 
 from moeops._dispatch import resolve
-from moeops.ops._autograd import (fused_experts_backward, fused_experts_grads, grouped_gemm_grads,
-                                  save_fused_experts, save_grouped_gemm)
+from moeops.ops._autograd import (
+    fused_experts_backward,
+    fused_experts_grads,
+    grouped_gemm_grads,
+    save_fused_experts,
+    save_grouped_gemm,
+)
 from moeops.ops._checks import check_devices, named_inputs
 
 __all__ = ["ExpertsStatsResult", "grouped_gemm", "fused_experts", "fused_experts_list",

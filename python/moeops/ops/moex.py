@@ -163,8 +163,10 @@ def _moex_code_fake(hidden, ids, weights, w_enc, b_enc=None):
     check_devices("hidden", hidden, ids=ids, weights=weights, w_enc=w_enc, b_enc=b_enc)
     T = hidden.shape[0]
     nnz = torch.library.get_ctx().new_dynamic_size()
-    return (hidden.new_empty((T + 1,), dtype=torch.int64), hidden.new_empty((nnz,), dtype=torch.int64),
-            hidden.new_empty((nnz,), dtype=torch.float32), hidden.new_empty((T,), dtype=torch.int32))
+    return (hidden.new_empty((T + 1,), dtype=torch.int64),
+            hidden.new_empty((nnz,), dtype=torch.int64),
+            hidden.new_empty((nnz,), dtype=torch.float32),
+            hidden.new_empty((T,), dtype=torch.int32))
 
 
 # ----------------------------------------------------------------------------- autograd

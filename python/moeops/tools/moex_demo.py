@@ -3,7 +3,7 @@
 briefly on a synthetic corpus on CPU, and report what the paper is about: realised density of
 chosen vs unchosen experts, ``||z||_0`` per token of the wide code, and the sparse vs dense
 down-projection speed on the trained layer's real activations. ``--quick`` is a seconds-long
-version on a tiny model (run in CI by tests/test_moex.py)."""
+version on a tiny model (run in CI by tests/ops/test_moex.py)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
     opt = torch.optim.AdamW(params, lr=lr)
     captured = {}
     hook = moex_layers[-1].register_forward_hook(
-        lambda mod, args, out: captured.__setitem__("x", args[0].detach().reshape(-1, args[0].shape[-1])))
+        lambda mod, args, out: captured.__setitem__(
+            "x", args[0].detach().reshape(-1, args[0].shape[-1])))
     model.train()
     clock = Stopwatch()
     losses = []
@@ -86,7 +87,8 @@ def run_demo(quick: bool = False, steps: int | None = None, layers: list[int] | 
             log(f"step {step + 1:>3}/{steps}  loss {losses[-1]:.3f}")
     train_s = clock.elapsed()
     log(f"trained {steps} steps in {train_s:.1f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-        f"a {cfg.vocab_size}-token uniform guess is {torch.log(torch.tensor(float(cfg.vocab_size))):.3f})")
+        f"a {cfg.vocab_size}-token uniform guess is "
+        f"{torch.log(torch.tensor(float(cfg.vocab_size))):.3f})")
 
     # analysis on a held-out batch
     model.eval()
