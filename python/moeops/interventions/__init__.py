@@ -41,40 +41,40 @@ name is importable from :mod:`moeops.interventions` itself.
 """
 
 from moeops.interventions._state import (
-                                         MASK_MODES,
-                                         MASK_STAGES,
-                                         STATS_LEVELS,
-                                         MoeLayer,
-                                         layer_indices,
-                                         moe_layers,
+    MASK_MODES,
+    MASK_STAGES,
+    STATS_LEVELS,
+    MoeLayer,
+    layer_indices,
+    moe_layers,
 )
 from moeops.interventions.control import (
-                                         clear_interventions,
-                                         force_experts,
-                                         intervene,
-                                         prune_experts,
-                                         set_intervention,
-                                         switch_off,
+    clear_interventions,
+    force_experts,
+    intervene,
+    prune_experts,
+    set_intervention,
+    switch_off,
 )
 from moeops.interventions.stats import (
-                                         collect_stats,
-                                         disable_stats,
-                                         enable_stats,
-                                         read_stats,
-                                         reset_stats,
+    collect_stats,
+    disable_stats,
+    enable_stats,
+    read_stats,
+    reset_stats,
 )
 from moeops.interventions.workflows import (
-                                         ActivationProfile,
-                                         SelfContrastOutput,
-                                         SuperExperts,
-                                         contrast_scores,
-                                         easy_ep_scores,
-                                         expert_activation_profile,
-                                         find_super_experts,
-                                         keep_top_experts,
-                                         router_probabilities,
-                                         self_contrast_generate,
-                                         self_contrast_logits,
+    ActivationProfile,
+    SelfContrastOutput,
+    SuperExperts,
+    contrast_scores,
+    easy_ep_scores,
+    expert_activation_profile,
+    find_super_experts,
+    keep_top_experts,
+    router_probabilities,
+    self_contrast_generate,
+    self_contrast_logits,
 )
 
 __all__ = [
